@@ -1,0 +1,68 @@
+"""The `shoal` command: `run` the daemon, `configure` / `cleanup` containerd's hosts directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from shoal import __version__
+from shoal.config import add_run_options
+
+DEFAULT_HOSTS_DIR = "/etc/containerd/certs.d"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shoal", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"shoal {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="serve the OCI pull API for this node")
+    add_run_options(run)
+
+    for name, what in (
+        ("configure", "point containerd at the local shoal (hosts.toml), backing up what was there"),
+        ("cleanup", "restore the hosts directory exactly as it was before `configure`"),
+    ):
+        cmd = sub.add_parser(name, help=what)
+        cmd.add_argument("--hosts-dir", default=DEFAULT_HOSTS_DIR, help="containerd's config_path")
+        if name == "configure":
+            cmd.add_argument(
+                "--mirror",
+                required=True,
+                help="URL of the local shoal, e.g. http://127.0.0.1:30020",
+            )
+            cmd.add_argument(
+                "--registry",
+                action="append",
+                default=[],
+                help="registry to mirror (repeatable); `_default` catches every other registry",
+            )
+            cmd.add_argument(
+                "--resolve-tags",
+                type=lambda v: v.lower() in ("1", "true", "yes"),
+                default=True,
+                help="let containerd ask shoal what a tag means (capability `resolve`)",
+            )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        from shoal.daemon import run_daemon
+        from shoal.config import Settings
+
+        return run_daemon(Settings.from_namespace(args))
+    from shoal import hostsconfig
+
+    if args.command == "configure":
+        registries = args.registry or ["_default"]
+        hostsconfig.configure(args.hosts_dir, args.mirror, registries, resolve=args.resolve_tags)
+        return 0
+    hostsconfig.cleanup(args.hosts_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Every setting of `shoal run`, in one place: its flag, its SHOAL_* variable, default and help.
+
+The CLI builds its parser from OPTIONS, the Helm chart's tests check the chart against it, and the
+daemon reads a `Settings` made from the parsed arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+TAG_POLICIES = ("upstream-first", "peers", "digest-only")
+BOOTSTRAP_MODES = ("none", "static", "dns", "kubernetes")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _csv(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {value!r}")
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # attribute name in Settings; flag is --name-with-dashes, env SHOAL_NAME
+    default: Any
+    help: str
+    type: Any = str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "SHOAL_" + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("containerd_socket", "/run/containerd/containerd.sock", "containerd's gRPC socket"),
+    Option("containerd_namespace", "k8s.io", "containerd namespace whose images are served"),
+    Option(
+        "content_root",
+        "",
+        "containerd's content directory, read directly when readable "
+        "(default: asked from containerd's Introspection service)",
+    ),
+    Option("listen", "0.0.0.0:30020", "address of the registry API (host:port)"),
+    Option("metrics_listen", "0.0.0.0:30021", "address of /metrics, /healthz and /readyz"),
+    Option("data_dir", "/var/lib/shoal", "directory for the peer identity and the spool"),
+    Option("log_level", "info", "log level", choices=LOG_LEVELS),
+    Option("p2p_listen", "0.0.0.0:30022", "libp2p listen address (host:port)"),
+    Option("p2p_announce", "", "address peers reach this node at (default: first non-loopback)"),
+    Option("p2p_psk", "", "file holding a libp2p private-network key shared by the cluster"),
+    Option("bootstrap", "none", "how to find the first peers", choices=BOOTSTRAP_MODES),
+    Option("bootstrap_peers", [], "static bootstrap multiaddrs, comma separated", type=_csv),
+    Option("bootstrap_dns", "", "headless Service name resolving to the other nodes"),
+    Option("bootstrap_k8s_namespace", "", "namespace of the shoal pods (kubernetes bootstrap)"),
+    Option("bootstrap_k8s_selector", "app.kubernetes.io/name=shoal", "label selector of the pods"),
+    Option("ready_alone", False, "report ready without any peer", type=_bool),
+    Option(
+        "mirror_registries",
+        ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io", "gcr.io", "public.ecr.aws"],
+        "registries shoal may fetch from upstream (allow-list), comma separated",
+        type=_csv,
+    ),
+    Option("tag_policy", "upstream-first", "how tags are resolved", choices=TAG_POLICIES),
+    Option("upstream_credentials", "", "docker config.json style credentials file for upstreams"),
+    Option("upstream_insecure", [], "registries reached over plain HTTP, comma separated", type=_csv),
+    Option("resync_interval", 60.0, "seconds between full re-reads of the content store", type=float),
+    Option("spool_max_bytes", 10 * 1024**3, "bytes the in-flight spool may hold", type=int),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The daemon's settings; defaults live in OPTIONS only."""
+
+    containerd_socket: str
+    containerd_namespace: str
+    content_root: str
+    listen: str
+    metrics_listen: str
+    data_dir: str
+    log_level: str
+    p2p_listen: str
+    p2p_announce: str
+    p2p_psk: str
+    bootstrap: str
+    bootstrap_peers: list[str]
+    bootstrap_dns: str
+    bootstrap_k8s_namespace: str
+    bootstrap_k8s_selector: str
+    ready_alone: bool
+    mirror_registries: list[str]
+    tag_policy: str
+    upstream_credentials: str
+    upstream_insecure: list[str]
+    resync_interval: float
+    spool_max_bytes: int
+
+    @classmethod
+    def defaults(cls, **overrides: Any) -> Settings:
+        values = {opt.name: opt.default for opt in OPTIONS}
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> Settings:
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+
+
+def add_run_options(parser: argparse.ArgumentParser, environ: dict[str, str] | None = None) -> None:
+    """Adds every option; a SHOAL_* variable overrides the built-in default, a flag overrides both."""
+    env = os.environ if environ is None else environ
+    for opt in OPTIONS:
+        default = opt.default
+        if opt.env in env:
+            raw = env[opt.env]
+            default = opt.type(raw) if opt.type is not str else raw
+            if opt.choices and default not in opt.choices:
+                parser.error(f"{opt.env}={raw!r}: choose from {', '.join(opt.choices)}")
+        kwargs: dict[str, Any] = {"default": default, "help": f"{opt.help} [env {opt.env}]"}
+        if opt.type is not str:
+            kwargs["type"] = opt.type
+        if opt.choices:
+            kwargs["choices"] = opt.choices
+        parser.add_argument(opt.flag, dest=opt.name, **kwargs)

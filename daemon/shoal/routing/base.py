@@ -1,0 +1,39 @@
+"""The routing interface the registry and the advertiser use; libp2p and in-memory implement it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A node that holds a key. `address` is where its registry API answers (host:port)."""
+
+    id: str
+    address: str
+
+
+class Router(Protocol):
+    """Keys are plain strings: `sha256:<hex>` for content, `<registry>/<repo>:<tag>` for tags."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def advertise(self, keys: Iterable[str]) -> None:
+        """Announce that this node holds `keys` (idempotent; re-announcing refreshes)."""
+        ...
+
+    async def withdraw(self, keys: Iterable[str]) -> None:
+        """Stop announcing `keys`; peers stop seeing this node for them within one record TTL."""
+        ...
+
+    def lookup(self, key: str, limit: int = 3) -> AsyncIterator[Peer]:
+        """Yield up to `limit` distinct peers (never this node) holding `key`, first found first."""
+        ...
+
+    def ready(self) -> bool:
+        """True once connected to at least one peer (or configured to run alone)."""
+        ...

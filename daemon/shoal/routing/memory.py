@@ -1,0 +1,46 @@
+"""An in-memory Router for unit tests: every MemoryRouter on one MemoryNetwork sees the others."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+
+from shoal.routing.base import Peer
+
+
+class MemoryNetwork:
+    def __init__(self) -> None:
+        self.providers: dict[str, dict[str, Peer]] = {}
+        self.members: dict[str, Peer] = {}
+
+
+class MemoryRouter:
+    def __init__(self, network: MemoryNetwork, peer: Peer) -> None:
+        self._net = network
+        self.peer = peer
+        self._started = False
+
+    async def start(self) -> None:
+        self._net.members[self.peer.id] = self.peer
+        self._started = True
+
+    async def stop(self) -> None:
+        self._net.members.pop(self.peer.id, None)
+        for holders in self._net.providers.values():
+            holders.pop(self.peer.id, None)
+        self._started = False
+
+    async def advertise(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._net.providers.setdefault(key, {})[self.peer.id] = self.peer
+
+    async def withdraw(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._net.providers.get(key, {}).pop(self.peer.id, None)
+
+    async def lookup(self, key: str, limit: int = 3) -> AsyncIterator[Peer]:
+        holders = [p for pid, p in self._net.providers.get(key, {}).items() if pid != self.peer.id]
+        for peer in holders[:limit]:
+            yield peer
+
+    def ready(self) -> bool:
+        return self._started and len(self._net.members) > 1

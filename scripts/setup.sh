@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs everything shoal's demo and tests need on a fresh Debian 12 machine (run as root):
+# the real components (containerd 1.6, distribution's docker-registry, skopeo, iproute2) and a
+# virtualenv at .venv with shoal and its development tools. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+for bin in containerd ctr docker-registry skopeo ip tc; do
+  command -v "$bin" >/dev/null 2>&1 || need+=("$bin")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq containerd docker-registry skopeo iproute2 >/dev/null
+fi
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
