@@ -21,7 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(run)
 
     for name, what in (
-        ("configure", "point containerd at the local shoal (hosts.toml), backing up what was there"),
+        (
+            "configure",
+            "point containerd at the local shoal (hosts.toml), backing up the old",
+        ),
         ("cleanup", "restore the hosts directory exactly as it was before `configure`"),
     ):
         cmd = sub.add_parser(name, help=what)
@@ -36,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "--registry",
                 action="append",
                 default=[],
-                help="registry to mirror (repeatable); `_default` catches every other registry",
+                help="registry to mirror, `host[:port][=server URL]` (repeatable); `_default` "
+                "catches every other registry",
             )
             cmd.add_argument(
                 "--resolve-tags",
@@ -50,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
-        from shoal.daemon import run_daemon
         from shoal.config import Settings
+        from shoal.daemon import run_daemon
 
         return run_daemon(Settings.from_namespace(args))
     from shoal import hostsconfig

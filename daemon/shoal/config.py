@@ -76,8 +76,8 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("tag_policy", "upstream-first", "how tags are resolved", choices=TAG_POLICIES),
     Option("upstream_credentials", "", "docker config.json style credentials file for upstreams"),
-    Option("upstream_insecure", [], "registries reached over plain HTTP, comma separated", type=_csv),
-    Option("resync_interval", 60.0, "seconds between full re-reads of the content store", type=float),
+    Option("upstream_insecure", [], "registries reached over plain HTTP (comma list)", type=_csv),
+    Option("resync_interval", 60.0, "seconds between full re-reads of the store", type=float),
     Option("spool_max_bytes", 10 * 1024**3, "bytes the in-flight spool may hold", type=int),
 )
 
@@ -121,7 +121,7 @@ class Settings:
 
 
 def add_run_options(parser: argparse.ArgumentParser, environ: dict[str, str] | None = None) -> None:
-    """Adds every option; a SHOAL_* variable overrides the built-in default, a flag overrides both."""
+    """Adds every option; a SHOAL_* variable overrides the default, a flag overrides both."""
     env = os.environ if environ is None else environ
     for opt in OPTIONS:
         default = opt.default

@@ -1,0 +1,1 @@
+"""OCI distribution vocabulary: names, references, digests, media types, ranges and errors."""

@@ -1,0 +1,50 @@
+"""Media types of images, and telling a manifest's type from its bytes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST_V1 = "application/vnd.docker.distribution.manifest.v1+json"
+DOCKER_MANIFEST_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+
+MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+ALL_MANIFEST_TYPES = MANIFEST_TYPES | INDEX_TYPES
+
+OCTET_STREAM = "application/octet-stream"
+# containerd rejects larger manifests; shoal never reads more than this into memory for one.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+
+
+def parse_manifest(body: bytes) -> dict[str, Any] | None:
+    """The manifest as a dict, or None when the bytes are not a JSON object."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def detect_media_type(body: bytes) -> str | None:
+    """The media type of manifest bytes, or None if they are no manifest shoal can serve.
+
+    OCI manifests and indexes may omit `mediaType`; then their shape decides, as in the image spec.
+    """
+    doc = parse_manifest(body)
+    if doc is None:
+        return None
+    declared = doc.get("mediaType")
+    if isinstance(declared, str) and declared:
+        return declared if declared in ALL_MANIFEST_TYPES else None
+    if doc.get("schemaVersion") != 2:
+        return None
+    if isinstance(doc.get("manifests"), list):
+        return OCI_INDEX
+    if isinstance(doc.get("config"), dict) and isinstance(doc.get("layers"), list):
+        return OCI_MANIFEST
+    return None

@@ -1,0 +1,1 @@
+"""The OCI distribution pull API that containerd talks to."""

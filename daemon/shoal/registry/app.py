@@ -1,0 +1,294 @@
+"""The aiohttp application: `/v2/`, manifests and blobs by tag or digest, HEAD and GET, Range.
+
+Every answer is either verified content or an OCI error; a miss is a fast 404 so that containerd
+falls back to its next host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from shoal import metrics
+from shoal.oci.digest import Digest
+from shoal.oci.errors import (
+    BlobUnknown,
+    ManifestUnknown,
+    NameInvalid,
+    RegistryError,
+    Unsupported,
+)
+from shoal.oci.mediatypes import MAX_MANIFEST_BYTES, OCTET_STREAM, detect_media_type
+from shoal.oci.names import Reference, make_reference
+from shoal.oci.ranges import ByteRange, parse_range
+from shoal.registry.verify import HOLD_BACK, DigestMismatch, hash_file, verified_chunks
+from shoal.sources import Blob, Descriptor, Source
+
+log = logging.getLogger("shoal.registry")
+
+# Set on requests between peers: a peer answers them from what it holds itself, never forwards.
+PEER_HEADER = "X-Shoal-Peer"
+_ROUTE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
+_API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    body: bytes
+    media_type: str
+    digest: Digest
+    source: str
+
+
+class SourceChain:
+    """The Sources a request may use, in order. Peers' requests get `peer_sources` only."""
+
+    def __init__(self, sources: Sequence[Source], peer_sources: Sequence[Source] | None = None):
+        self.sources = list(sources)
+        self.peer_sources = list(peer_sources if peer_sources is not None else sources[:1])
+
+    def for_request(self, request: web.Request) -> list[Source]:
+        return self.peer_sources if PEER_HEADER in request.headers else self.sources
+
+
+class Registry:
+    def __init__(self, chain: SourceChain) -> None:
+        self.chain = chain
+
+    # -- lookups ---------------------------------------------------------------------------------
+
+    async def resolve(self, sources: list[Source], ref: Reference) -> Descriptor:
+        for source in sources:
+            desc = await source.resolve(ref)
+            if desc is not None:
+                return desc
+        raise ManifestUnknown("manifest unknown", {"tag": ref.tag, "ns": ref.registry})
+
+    async def find(self, sources: list[Source], ref: Reference, digest: Digest) -> Blob | None:
+        for source in sources:
+            blob = await source.find(ref, digest)
+            if blob is not None:
+                return blob
+        return None
+
+    async def manifest(
+        self, sources: list[Source], ref: Reference, digest: Digest, hint: str | None
+    ) -> Manifest:
+        """Reads a whole manifest (small, bounded), verifies it and tells its media type."""
+        for source in sources:
+            blob = await source.find(ref, digest)
+            if blob is None or blob.size > MAX_MANIFEST_BYTES:
+                continue
+            try:
+                parts = [c async for c in verified_chunks(blob, digest, 0, blob.size)]
+            except (TimeoutError, DigestMismatch, OSError, ConnectionError) as exc:
+                log.warning("manifest %s from %s unusable: %s", digest, source.name, exc)
+                continue
+            body = b"".join(parts)
+            media_type = detect_media_type(body) or hint
+            if media_type is None:
+                break  # content exists but is no manifest
+            return Manifest(body, media_type, digest, blob.source)
+        raise ManifestUnknown("manifest unknown", {"digest": str(digest)})
+
+    # -- handlers --------------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            raise Unsupported("shoal is a pull-only mirror")
+        if request.path in ("/v2", "/v2/"):
+            return web.json_response({})
+        match = _ROUTE.match(request.path)
+        if match is None:
+            raise NameUnknownPath()
+        ns = request.query.get("ns")
+        ref = make_reference(ns, match["name"], match["ref"])
+        if match["kind"] == "manifests":
+            return await self.serve_manifest(request, ref)
+        if ref.digest is None:
+            raise NameInvalid("blobs are addressed by digest")
+        return await self.serve_blob(request, ref, ref.digest)
+
+    async def serve_manifest(self, request: web.Request, ref: Reference) -> web.StreamResponse:
+        sources = self.chain.for_request(request)
+        hint = None
+        digest = ref.digest
+        if digest is None:
+            if ref.image_name is None:
+                raise ManifestUnknown("a tag needs ?ns=<registry>", {"tag": ref.tag})
+            desc = await self.resolve(sources, ref)
+            digest, hint = desc.digest, desc.media_type
+        manifest = await self.manifest(sources, ref, digest, hint)
+        metrics.count(manifest.source, "manifest", 200, len(manifest.body))
+        headers = {
+            "Content-Type": manifest.media_type,
+            "Docker-Content-Digest": str(manifest.digest),
+            "Content-Length": str(len(manifest.body)),
+            "ETag": f'"{manifest.digest}"',
+            "X-Shoal-Source": manifest.source,
+        }
+        if request.method == "HEAD":
+            return web.Response(status=200, headers=headers)
+        return web.Response(status=200, body=manifest.body, headers=headers)
+
+    async def serve_blob(
+        self, request: web.Request, ref: Reference, digest: Digest
+    ) -> web.StreamResponse:
+        blob = await self.find(self.chain.for_request(request), ref, digest)
+        if blob is None:
+            raise BlobUnknown("blob unknown", {"digest": str(digest)})
+        rng = parse_range(request.headers.get("Range"), blob.size)
+        start, end = (rng.start, rng.end + 1) if rng else (0, blob.size)
+        headers = {
+            "Content-Type": OCTET_STREAM,
+            "Docker-Content-Digest": str(digest),
+            "Accept-Ranges": "bytes",
+            "ETag": f'"{digest}"',
+            "X-Shoal-Source": blob.source,
+        }
+        if rng is not None:
+            headers["Content-Range"] = rng.content_range(blob.size)
+        status = 206 if rng is not None else 200
+        if request.method == "HEAD":
+            headers["Content-Length"] = str(end - start)
+            return web.Response(status=status, headers=headers)
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = end - start
+        try:
+            await _send(request, resp, blob, digest, start, end, rng)
+        except DigestMismatch as exc:
+            # Bytes already sent cannot be taken back; cutting the connection keeps the
+            # response incomplete, so containerd never commits them.
+            log.error("digest mismatch, connection cut: %s", exc)
+            metrics.VERIFY_FAILURES.labels(blob.source).inc()
+            _abort(request)
+            return resp
+        metrics.count(blob.source, "blob", status, end - start)
+        return resp
+
+
+class NameUnknownPath(RegistryError):
+    status, code = 404, "NAME_UNKNOWN"
+
+    def __init__(self) -> None:
+        super().__init__("endpoint not served by this pull-only mirror")
+
+
+async def _send(
+    request: web.Request,
+    resp: web.StreamResponse,
+    blob: Blob,
+    digest: Digest,
+    start: int,
+    end: int,
+    rng: ByteRange | None,
+) -> None:
+    path = blob.path
+    transport = request.transport
+    if path is not None and transport is not None and end - start > HOLD_BACK:
+        await _send_file(request, resp, path, blob, digest, start, end)
+        return
+    await resp.prepare(request)
+    async for chunk in verified_chunks(blob, digest, start, end):
+        await resp.write(chunk)
+    await resp.write_eof()
+
+
+async def _send_file(
+    request: web.Request,
+    resp: web.StreamResponse,
+    path: str,
+    blob: Blob,
+    digest: Digest,
+    start: int,
+    end: int,
+) -> None:
+    """Local files: the kernel copies all but the tail while a thread hashes the whole file."""
+    with open(path, "rb") as fobj:  # noqa: ASYNC230 - opening a local file does not block
+        if os.fstat(fobj.fileno()).st_size != blob.size:
+            raise DigestMismatch(digest, "size differs", os.fstat(fobj.fileno()).st_size, "local")
+        checked = asyncio.ensure_future(hash_file(fobj.fileno(), digest, blob.size))
+        try:
+            await resp.prepare(request)
+            loop = asyncio.get_running_loop()
+            assert request.transport is not None
+            await loop.sendfile(request.transport, fobj, start, end - start - HOLD_BACK)
+            ok = await checked
+        finally:
+            if not checked.done():
+                checked.cancel()
+        if not ok:
+            raise DigestMismatch(digest, "differs", blob.size, "local")
+        tail = await asyncio.to_thread(os.pread, fobj.fileno(), HOLD_BACK, end - HOLD_BACK)
+        await resp.write(tail)
+        await resp.write_eof()
+
+
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()
+
+
+def error_response(err: RegistryError, request: web.Request) -> web.Response:
+    body = b"" if request.method == "HEAD" else err.body()
+    return web.Response(
+        status=err.status,
+        body=body,
+        content_type="application/json",
+        headers={"Content-Length": str(len(err.body()))},
+    )
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def oci_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes an OCI error; an unexpected one is logged and answered as a miss."""
+    started = time.monotonic()
+    try:
+        resp = await handler(request)
+    except RegistryError as err:
+        if err.status == 404:
+            metrics.MISSES.labels("manifest" if "/manifests/" in request.path else "blob").inc()
+        resp = error_response(err, request)
+    except web.HTTPException:
+        raise
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path_qs)
+        kind = "manifests" if "/manifests/" in request.path else "blobs"
+        err = (ManifestUnknown if kind == "manifests" else BlobUnknown)("internal error; see logs")
+        resp = error_response(err, request)
+    metrics.observe(request.method, time.monotonic() - started)
+    return resp
+
+
+async def _common_headers(request: web.Request, resp: web.StreamResponse) -> None:
+    """Runs before any response's headers go out, streamed ones included."""
+    resp.headers.update(_API_VERSION)
+    ns = request.query.get("ns")
+    if ns is not None:
+        resp.headers["OCI-Namespace"] = ns[:255].replace("\r", "").replace("\n", "")
+
+
+async def _not_found(request: web.Request) -> web.StreamResponse:
+    raise NameUnknownPath()
+
+
+def make_app(chain: SourceChain) -> web.Application:
+    registry = Registry(chain)
+    app = web.Application(middlewares=[oci_errors], client_max_size=1024)
+    app.router.add_route("*", "/v2", registry.handle)
+    app.router.add_route("*", "/v2/{tail:.*}", registry.handle)
+    app.router.add_route("*", "/{tail:.*}", _not_found)
+    app.on_response_prepare.append(_common_headers)
+    return app

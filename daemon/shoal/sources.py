@@ -1,0 +1,47 @@
+"""Where content can come from: the node's store, a peer, the upstream registry.
+
+The registry asks Sources in order. A Source answers with what it believes, and the registry
+verifies every byte against the digest before a response completes: a Source is never trusted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from shoal.oci.digest import Digest
+from shoal.oci.names import Reference
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: Digest
+    size: int
+
+
+class Blob(Protocol):
+    """Content a Source can stream. `path` is set when it is a whole, immutable local file."""
+
+    size: int
+    source: str
+
+    def open(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """Yield bytes [start, end) in order; may raise OSError/ConnectionError midway."""
+        ...
+
+    @property
+    def path(self) -> str | None: ...
+
+
+class Source(Protocol):
+    name: str
+
+    async def resolve(self, ref: Reference) -> Descriptor | None:
+        """What `ref`'s tag points at, or None if this source does not know."""
+        ...
+
+    async def find(self, ref: Reference, digest: Digest) -> Blob | None:
+        """The content with `digest`, or None if this source does not have it."""
+        ...

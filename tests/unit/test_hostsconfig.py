@@ -1,0 +1,125 @@
+"""`shoal configure` / `shoal cleanup` on a hosts directory, as containerd reads it."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from shoal.cli import main
+from shoal.hostsconfig import BACKUP_DIR, cleanup, configure
+
+MIRROR = "http://127.0.0.1:30020"
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes | None, int]]:
+    """Every path below root with its bytes (None for a directory) and permission bits."""
+    out: dict[str, tuple[bytes | None, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            data = path.read_bytes() if path.is_file() else None
+            out[str(path.relative_to(root))] = (data, path.stat().st_mode & 0o7777)
+    return out
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Path:
+    root = tmp_path / "certs.d"
+    (root / "docker.io").mkdir(parents=True)
+    existing = (
+        'server = "https://registry-1.docker.io"\n\n'
+        '[host."https://mirror.corp.example"]\n'
+        '  capabilities = ["pull"]\n  ca = "/etc/ssl/corp.pem"\n'
+        '  [host."https://mirror.corp.example".header]\n    x-team = ["platform"]\n'
+    )
+    (root / "docker.io" / "hosts.toml").write_text(existing)
+    os.chmod(root / "docker.io" / "hosts.toml", 0o600)
+    (root / "quay.io").mkdir()  # a directory without a file
+    (root / "ghcr.io").mkdir()
+    (root / "ghcr.io" / "hosts.toml").write_bytes(b"not = [valid toml")
+    return root
+
+
+def test_configure_then_cleanup_is_byte_identical(hosts: Path) -> None:
+    before = snapshot(hosts)
+    registries = [
+        "docker.io",
+        "quay.io",
+        "ghcr.io",
+        "127.0.0.1:5000=http://127.0.0.1:5000",
+        "_default",
+    ]
+    assert (
+        main(
+            [
+                "configure",
+                "--hosts-dir",
+                str(hosts),
+                "--mirror",
+                MIRROR,
+                *[arg for r in registries for arg in ("--registry", r)],
+            ]
+        )
+        == 0
+    )
+    assert snapshot(hosts) != before
+    # A restarted init container configures again: the first backup must survive.
+    configure(str(hosts), MIRROR, ["docker.io", "quay.io"])
+    assert main(["cleanup", "--hosts-dir", str(hosts)]) == 0
+    assert snapshot(hosts) == before
+    cleanup(str(hosts))  # idempotent
+    assert snapshot(hosts) == before
+
+
+def test_cleanup_removes_a_directory_it_created(tmp_path: Path) -> None:
+    root = tmp_path / "absent" / "certs.d"
+    configure(str(root), MIRROR, ["_default"])
+    assert (root / "_default" / "hosts.toml").is_file()
+    cleanup(str(root))
+    assert not root.exists()
+
+
+def test_written_files_are_what_containerd_accepts(hosts: Path) -> None:
+    configure(
+        str(hosts),
+        MIRROR,
+        ["docker.io", "quay.io", "ghcr.io", "_default", "127.0.0.1:5000=http://127.0.0.1:5000"],
+    )
+    docs = {
+        d: tomllib.loads((hosts / d / "hosts.toml").read_text())
+        for d in ("docker.io", "quay.io", "ghcr.io", "_default", "127.0.0.1:5000")
+    }
+    for doc in docs.values():
+        hosts_tables = list(doc["host"])
+        assert hosts_tables[0] == MIRROR  # shoal first
+        mirror = doc["host"][MIRROR]
+        assert mirror == {"capabilities": ["pull", "resolve"]}  # no TLS keys on plain HTTP
+        for table in doc["host"].values():
+            assert "referrers" not in table.get("capabilities", [])  # 1.x rejects the file
+    assert docs["docker.io"]["server"] == "https://registry-1.docker.io"
+    # The user's own mirror stays, behind shoal, with its settings.
+    corp = docs["docker.io"]["host"]["https://mirror.corp.example"]
+    assert corp == {
+        "capabilities": ["pull"],
+        "ca": "/etc/ssl/corp.pem",
+        "header": {"x-team": ["platform"]},
+    }
+    assert docs["quay.io"]["server"] == "https://quay.io"
+    assert "server" not in docs["_default"]
+    assert docs["127.0.0.1:5000"]["server"] == "http://127.0.0.1:5000"
+    assert (hosts / BACKUP_DIR).is_dir()
+
+
+def test_resolve_can_be_turned_off(tmp_path: Path) -> None:
+    configure(str(tmp_path), MIRROR, ["docker.io"], resolve=False)
+    doc = tomllib.loads((tmp_path / "docker.io" / "hosts.toml").read_text())
+    assert doc["host"][MIRROR]["capabilities"] == ["pull"]
+
+
+@pytest.mark.parametrize("spec", ["../etc", ".shoal-backup", "a/b", "x=ftp://y", ""])
+def test_bad_registry_specs(tmp_path: Path, spec: str) -> None:
+    with pytest.raises(ValueError):
+        configure(str(tmp_path), MIRROR, [spec])

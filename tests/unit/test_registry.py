@@ -1,0 +1,218 @@
+"""The pull API as containerd sees it, served from an in-memory node store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from shoal.local import LocalSource, MemoryStore
+from shoal.oci import mediatypes as mt
+from shoal.oci.digest import Digest
+from shoal.registry.app import PEER_HEADER, SourceChain, make_app
+
+NS = "127.0.0.1:5000"
+LAYER = bytes(range(256)) * 4096 * 3  # 3 MiB: several chunks, and over sendfile's hold-back
+
+
+def build_image(store: MemoryStore) -> dict[str, object]:
+    config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
+    cdig, ldig = store.add(config), store.add(LAYER)
+    # An OCI manifest without a mediaType field: its shape must decide the Content-Type.
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": str(cdig),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": str(ldig),
+                    "size": len(LAYER),
+                }
+            ],
+        }
+    ).encode()
+    desc = store.tag(f"{NS}/team/app:v1", mt.OCI_MANIFEST, manifest)
+    return {"manifest": manifest, "mdig": desc.digest, "cdig": cdig, "ldig": ldig}
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[aiohttp.ClientSession, str, MemoryStore, dict]]:
+    store = MemoryStore()
+    image = build_image(store)
+    server = TestServer(make_app(SourceChain([LocalSource(store)])), host="127.0.0.1")
+    await server.start_server()
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session, str(server.make_url("")), store, image
+    await server.close()
+
+
+async def _json_error(resp: aiohttp.ClientResponse) -> str:
+    assert resp.content_type == "application/json"
+    body = await resp.json()
+    return body["errors"][0]["code"]
+
+
+async def test_base_endpoint(served) -> None:
+    session, url, _, _ = served
+    async with session.get(f"{url}/v2/") as resp:
+        assert resp.status == 200
+        assert resp.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+
+
+async def test_tag_head_gives_exact_descriptor(served) -> None:
+    session, url, _, image = served
+    async with session.head(f"{url}/v2/team/app/manifests/v1", params={"ns": NS}) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Length"] == str(len(image["manifest"]))
+        assert resp.headers["Docker-Content-Digest"] == str(image["mdig"])
+        assert resp.headers["Content-Type"] == mt.OCI_MANIFEST
+        assert resp.headers["OCI-Namespace"] == NS
+        assert await resp.read() == b""
+
+
+async def test_manifest_get_by_tag_and_digest(served) -> None:
+    session, url, _, image = served
+    for ref in ("v1", str(image["mdig"])):
+        async with session.get(f"{url}/v2/team/app/manifests/{ref}", params={"ns": NS}) as resp:
+            assert resp.status == 200
+            assert await resp.read() == image["manifest"]
+            assert resp.headers["Content-Type"] == mt.OCI_MANIFEST
+
+
+async def test_tag_resolves_only_within_ns(served) -> None:
+    session, url, _, _ = served
+    for params in ({"ns": "docker.io"}, {"ns": "127.0.0.1:5001"}, {}):
+        async with session.get(f"{url}/v2/team/app/manifests/v1", params=params) as resp:
+            assert resp.status == 404
+            assert await _json_error(resp) == "MANIFEST_UNKNOWN"
+
+
+async def test_blob_is_not_a_manifest(served) -> None:
+    session, url, _, image = served
+    async with session.get(f"{url}/v2/team/app/manifests/{image['ldig']}") as resp:
+        assert resp.status == 404
+        assert await _json_error(resp) == "MANIFEST_UNKNOWN"
+
+
+async def test_blob_get_whole_and_head(served) -> None:
+    session, url, _, image = served
+    blob_url = f"{url}/v2/team/app/blobs/{image['ldig']}"
+    async with session.get(blob_url, params={"ns": NS}) as resp:
+        assert resp.status == 200
+        body = await resp.read()
+        assert hashlib.sha256(body).hexdigest() == image["ldig"].hex
+        assert resp.headers["Accept-Ranges"] == "bytes"
+        assert "Content-Encoding" not in resp.headers
+    async with session.head(blob_url) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Length"] == str(len(LAYER))
+        assert resp.headers["Docker-Content-Digest"] == str(image["ldig"])
+
+
+@pytest.mark.parametrize(
+    ("header", "start", "end"),
+    [
+        ("bytes=1000-", 1000, len(LAYER)),
+        ("bytes=5-9", 5, 10),
+        ("bytes=-100", len(LAYER) - 100, len(LAYER)),
+    ],
+)
+async def test_blob_range(served, header: str, start: int, end: int) -> None:
+    session, url, _, image = served
+    async with session.get(
+        f"{url}/v2/team/app/blobs/{image['ldig']}", headers={"Range": header}
+    ) as resp:
+        assert resp.status == 206
+        assert resp.headers["Content-Range"] == f"bytes {start}-{end - 1}/{len(LAYER)}"
+        assert await resp.read() == LAYER[start:end]
+
+
+async def test_unsatisfiable_range(served) -> None:
+    session, url, _, image = served
+    async with session.get(
+        f"{url}/v2/team/app/blobs/{image['ldig']}", headers={"Range": f"bytes={len(LAYER)}-"}
+    ) as resp:
+        assert resp.status == 416
+        assert await _json_error(resp) == "RANGE_INVALID"
+
+
+async def test_corrupt_content_is_never_completed(served) -> None:
+    session, url, store, image = served
+    bad = bytearray(LAYER)
+    bad[-1] ^= 0xFF  # the very last byte: everything but the held-back tail would look fine
+    store.blobs[image["ldig"]] = bytes(bad)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with session.get(f"{url}/v2/team/app/blobs/{image['ldig']}") as resp:
+            await resp.read()
+    # A corrupt manifest is a miss, so containerd falls back rather than fail.
+    store.blobs[image["mdig"]] = image["manifest"] + b" "
+    async with session.get(f"{url}/v2/team/app/manifests/v1", params={"ns": NS}) as resp:
+        assert resp.status == 404
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status", "code"),
+    [
+        ("/v2/team/app/blobs/sha256:" + "0" * 64, {}, 404, "BLOB_UNKNOWN"),
+        ("/v2/team/app/blobs/sha256:xyz", {}, 400, "DIGEST_INVALID"),
+        ("/v2/team/app/blobs/md5:" + "0" * 32, {}, 400, "DIGEST_INVALID"),
+        ("/v2/Team/App/manifests/v1", {"ns": NS}, 400, "NAME_INVALID"),
+        ("/v2/team/app/manifests/v1", {"ns": "evil.com/../x"}, 400, "NAME_INVALID"),
+        ("/v2/team/app/manifests/v1", {"ns": "a\r\nb"}, 400, "NAME_INVALID"),
+        ("/v2/team/app/manifests/-v1", {"ns": NS}, 400, "NAME_INVALID"),
+        ("/v2/team/app/blobs/v1", {"ns": NS}, 400, "NAME_INVALID"),
+        ("/v2/team/app/tags/list", {}, 404, "NAME_UNKNOWN"),
+        ("/v2/_catalog", {}, 404, "NAME_UNKNOWN"),
+        ("/elsewhere", {}, 404, "NAME_UNKNOWN"),
+    ],
+)
+async def test_bad_requests_get_oci_errors(served, path, params, status, code) -> None:
+    session, url, _, _ = served
+    async with session.get(f"{url}{path}", params=params) as resp:
+        assert resp.status == status
+        assert await _json_error(resp) == code
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+async def test_writes_are_unsupported(served, method: str) -> None:
+    session, url, _, image = served
+    for path in (
+        "/v2/team/app/manifests/v1",
+        f"/v2/team/app/blobs/{image['ldig']}",
+        "/v2/team/app/blobs/uploads/",
+        "/v2/",
+    ):
+        async with session.request(method, f"{url}{path}") as resp:
+            assert resp.status == 405, path
+            assert await _json_error(resp) == "UNSUPPORTED"
+
+
+async def test_peer_requests_use_peer_sources_only() -> None:
+    """A request from a peer is answered from the node's own store only (no forwarding)."""
+    empty, full = MemoryStore(), MemoryStore()
+    image = build_image(full)
+    chain = SourceChain([LocalSource(empty), LocalSource(full)], [LocalSource(empty)])
+    server = TestServer(make_app(chain), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            blob = server.make_url(f"/v2/team/app/blobs/{image['ldig']}")
+            async with session.head(blob) as resp:
+                assert resp.status == 200
+            async with session.head(blob, headers={PEER_HEADER: "1"}) as resp:
+                assert resp.status == 404
+    finally:
+        await server.close()
+
+
+def test_digest_fixture_is_consistent() -> None:
+    assert Digest.of(LAYER).hex == hashlib.sha256(LAYER).hexdigest()
