@@ -50,7 +50,7 @@ class LocalSource:
         name = ref.image_name
         return await self.store.image_target(name) if name else None
 
-    async def find(self, ref: Reference, digest: Digest) -> LocalBlob | None:
+    async def find(self, ref: Reference, digest: Digest, kind: str) -> LocalBlob | None:
         size = await self.store.content_size(digest)
         return None if size is None else LocalBlob(self.store, digest, size)
 

@@ -42,6 +42,9 @@ class Source(Protocol):
         """What `ref`'s tag points at, or None if this source does not know."""
         ...
 
-    async def find(self, ref: Reference, digest: Digest) -> Blob | None:
-        """The content with `digest`, or None if this source does not have it."""
+    async def find(self, ref: Reference, digest: Digest, kind: str) -> Blob | None:
+        """The content with `digest`, or None if this source does not have it.
+
+        `kind` is "manifest" or "blob": registries serve the two under different paths.
+        """
         ...

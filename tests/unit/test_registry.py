@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -216,3 +217,48 @@ async def test_peer_requests_use_peer_sources_only() -> None:
 
 def test_digest_fixture_is_consistent() -> None:
     assert Digest.of(LAYER).hex == hashlib.sha256(LAYER).hexdigest()
+
+
+class FileStore(MemoryStore):
+    """Blobs also written to files, so the registry takes its sendfile path."""
+
+    def __init__(self, root) -> None:
+        super().__init__()
+        self.root = root
+
+    def add(self, data: bytes, digest: Digest | None = None) -> Digest:
+        digest = super().add(data, digest)
+        (self.root / digest.hex).write_bytes(data)
+        return digest
+
+    def content_path(self, digest: Digest) -> str | None:
+        path = self.root / digest.hex
+        return str(path) if path.exists() else None
+
+
+async def test_local_files_are_verified_before_completion(tmp_path) -> None:
+    store = FileStore(tmp_path)
+    image = build_image(store)
+    server = TestServer(make_app(SourceChain([LocalSource(store)])), host="127.0.0.1")
+    await server.start_server()
+    url = server.make_url(f"/v2/team/app/blobs/{image['ldig']}")
+    try:
+        async with aiohttp.ClientSession() as session:
+            # Several at once share one hashing pass; each still gets every byte.
+            async def get(headers: dict[str, str]) -> tuple[int, bytes]:
+                async with session.get(url, headers=headers) as resp:
+                    return resp.status, await resp.read()
+
+            results = await asyncio.gather(*(get({}) for _ in range(4)),
+                                           get({"Range": "bytes=100-"}))  # fmt: skip
+            assert [r[0] for r in results] == [200, 200, 200, 200, 206]
+            assert all(r[1] == LAYER for r in results[:4]) and results[4][1] == LAYER[100:]
+            # Corrupt the file on disk (same size): the response must never complete.
+            path = tmp_path / image["ldig"].hex
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 1
+            path.write_bytes(bytes(data))
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await get({})
+    finally:
+        await server.close()

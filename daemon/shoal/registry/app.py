@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -27,8 +28,9 @@ from shoal.oci.errors import (
 )
 from shoal.oci.mediatypes import MAX_MANIFEST_BYTES, OCTET_STREAM, detect_media_type
 from shoal.oci.names import Reference, make_reference
-from shoal.oci.ranges import ByteRange, parse_range
-from shoal.registry.verify import HOLD_BACK, DigestMismatch, hash_file, verified_chunks
+from shoal.oci.ranges import parse_range
+from shoal.registry.verify import HOLD_BACK, DigestMismatch, FileVerifier, verified_chunks
+from shoal.routing.base import P2P_INFO_PATH
 from shoal.sources import Blob, Descriptor, Source
 
 log = logging.getLogger("shoal.registry")
@@ -61,6 +63,7 @@ class SourceChain:
 class Registry:
     def __init__(self, chain: SourceChain) -> None:
         self.chain = chain
+        self.verifier = FileVerifier()
 
     # -- lookups ---------------------------------------------------------------------------------
 
@@ -73,7 +76,7 @@ class Registry:
 
     async def find(self, sources: list[Source], ref: Reference, digest: Digest) -> Blob | None:
         for source in sources:
-            blob = await source.find(ref, digest)
+            blob = await source.find(ref, digest, "blob")
             if blob is not None:
                 return blob
         return None
@@ -83,7 +86,7 @@ class Registry:
     ) -> Manifest:
         """Reads a whole manifest (small, bounded), verifies it and tells its media type."""
         for source in sources:
-            blob = await source.find(ref, digest)
+            blob = await source.find(ref, digest, "manifest")
             if blob is None or blob.size > MAX_MANIFEST_BYTES:
                 continue
             try:
@@ -162,7 +165,7 @@ class Registry:
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = end - start
         try:
-            await _send(request, resp, blob, digest, start, end, rng)
+            await self._send(request, resp, blob, digest, start, end)
         except DigestMismatch as exc:
             # Bytes already sent cannot be taken back; cutting the connection keeps the
             # response incomplete, so containerd never commits them.
@@ -170,8 +173,66 @@ class Registry:
             metrics.VERIFY_FAILURES.labels(blob.source).inc()
             _abort(request)
             return resp
+        except Exception as exc:
+            if not resp.prepared:
+                raise  # nothing sent yet: an error answer lets containerd try its next host
+            # Mid-body: containerd resumes with Range, from us or its next host.
+            log.warning("%s blob %s broke off: %r", blob.source, digest, exc)
+            _abort(request)
+            return resp
         metrics.count(blob.source, "blob", status, end - start)
         return resp
+
+    async def _send(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        blob: Blob,
+        digest: Digest,
+        start: int,
+        end: int,
+    ) -> None:
+        path = blob.path
+        transport = request.transport
+        if path is not None and transport is not None and end - start > HOLD_BACK:
+            await self._send_file(request, resp, path, blob, digest, start, end)
+            return
+        await resp.prepare(request)
+        async for chunk in verified_chunks(blob, digest, start, end):
+            await resp.write(chunk)
+        await resp.write_eof()
+
+    async def _send_file(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        path: str,
+        blob: Blob,
+        digest: Digest,
+        start: int,
+        end: int,
+    ) -> None:
+        """Local files: the kernel copies all but the tail while a thread hashes the whole file."""
+        with open(path, "rb") as fobj:  # noqa: ASYNC230 - opening a local file does not block
+            if os.fstat(fobj.fileno()).st_size != blob.size:
+                raise DigestMismatch(
+                    digest, "size differs", os.fstat(fobj.fileno()).st_size, "local"
+                )
+            checked = asyncio.ensure_future(self.verifier.check(fobj.fileno(), digest, blob.size))
+            try:
+                await resp.prepare(request)
+                loop = asyncio.get_running_loop()
+                assert request.transport is not None
+                await loop.sendfile(request.transport, fobj, start, end - start - HOLD_BACK)
+                ok = await checked
+            finally:
+                if not checked.done():
+                    checked.cancel()
+            if not ok:
+                raise DigestMismatch(digest, "differs", blob.size, "local")
+            tail = await asyncio.to_thread(os.pread, fobj.fileno(), HOLD_BACK, end - HOLD_BACK)
+            await resp.write(tail)
+            await resp.write_eof()
 
 
 class NameUnknownPath(RegistryError):
@@ -179,56 +240,6 @@ class NameUnknownPath(RegistryError):
 
     def __init__(self) -> None:
         super().__init__("endpoint not served by this pull-only mirror")
-
-
-async def _send(
-    request: web.Request,
-    resp: web.StreamResponse,
-    blob: Blob,
-    digest: Digest,
-    start: int,
-    end: int,
-    rng: ByteRange | None,
-) -> None:
-    path = blob.path
-    transport = request.transport
-    if path is not None and transport is not None and end - start > HOLD_BACK:
-        await _send_file(request, resp, path, blob, digest, start, end)
-        return
-    await resp.prepare(request)
-    async for chunk in verified_chunks(blob, digest, start, end):
-        await resp.write(chunk)
-    await resp.write_eof()
-
-
-async def _send_file(
-    request: web.Request,
-    resp: web.StreamResponse,
-    path: str,
-    blob: Blob,
-    digest: Digest,
-    start: int,
-    end: int,
-) -> None:
-    """Local files: the kernel copies all but the tail while a thread hashes the whole file."""
-    with open(path, "rb") as fobj:  # noqa: ASYNC230 - opening a local file does not block
-        if os.fstat(fobj.fileno()).st_size != blob.size:
-            raise DigestMismatch(digest, "size differs", os.fstat(fobj.fileno()).st_size, "local")
-        checked = asyncio.ensure_future(hash_file(fobj.fileno(), digest, blob.size))
-        try:
-            await resp.prepare(request)
-            loop = asyncio.get_running_loop()
-            assert request.transport is not None
-            await loop.sendfile(request.transport, fobj, start, end - start - HOLD_BACK)
-            ok = await checked
-        finally:
-            if not checked.done():
-                checked.cancel()
-        if not ok:
-            raise DigestMismatch(digest, "differs", blob.size, "local")
-        tail = await asyncio.to_thread(os.pread, fobj.fileno(), HOLD_BACK, end - HOLD_BACK)
-        await resp.write(tail)
-        await resp.write_eof()
 
 
 def _abort(request: web.Request) -> None:
@@ -284,9 +295,20 @@ async def _not_found(request: web.Request) -> web.StreamResponse:
     raise NameUnknownPath()
 
 
-def make_app(chain: SourceChain) -> web.Application:
+def make_app(
+    chain: SourceChain, p2p_info: Callable[[], dict[str, Any]] | None = None
+) -> web.Application:
+    """The pull API. `p2p_info`, when given, is served at P2P_INFO_PATH: peers that know only
+    this node's address learn its libp2p identity there (dns and kubernetes bootstrap)."""
     registry = Registry(chain)
     app = web.Application(middlewares=[oci_errors], client_max_size=1024)
+    if p2p_info is not None:
+        info = p2p_info
+
+        async def p2p(_: web.Request) -> web.Response:
+            return web.json_response(info())
+
+        app.router.add_get(P2P_INFO_PATH, p2p)
     app.router.add_route("*", "/v2", registry.handle)
     app.router.add_route("*", "/v2/{tail:.*}", registry.handle)
     app.router.add_route("*", "/{tail:.*}", _not_found)

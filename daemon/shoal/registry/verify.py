@@ -55,16 +55,38 @@ async def verified_chunks(blob: Blob, digest: Digest, start: int, end: int) -> A
         yield held
 
 
-async def hash_file(fd: int, digest: Digest, size: int) -> bool:
-    """Hashes a whole open file in a worker thread: no event-loop time, and the same inode the
-    response is sent from, even if the path is replaced meanwhile."""
+class FileVerifier:
+    """Hashes local files, sharing one pass among concurrent requests for the same file.
 
-    def work() -> bool:
-        hasher = digest.hasher()
-        total = 0
+    Keyed by inode and change time, so a joined pass covers exactly the bytes every joined
+    request sends. Results are not kept after the pass: each new request verifies anew.
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[tuple[int, int, int, int], asyncio.Future[bool]] = {}
+
+    async def check(self, fd: int, digest: Digest, size: int) -> bool:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino, st.st_ctime_ns, size)
+        pending = self._running.get(key)
+        if pending is None:
+            # A private duplicate: the shared pass must not depend on the first request's fd.
+            dup = os.dup(fd)
+            pending = asyncio.ensure_future(asyncio.to_thread(_hash_fd, dup, digest, size))
+            self._running[key] = pending
+            pending.add_done_callback(lambda _: self._running.pop(key, None))
+        # Shielded: one cancelled request must not cancel the pass others are waiting on.
+        return await asyncio.shield(pending)
+
+
+def _hash_fd(fd: int, digest: Digest, size: int) -> bool:
+    """Hashes the whole file behind `fd`, then closes it."""
+    hasher = digest.hasher()
+    total = 0
+    try:
         while chunk := os.pread(fd, 1024 * 1024, total):
             hasher.update(chunk)
             total += len(chunk)
-        return total == size and digest.matches(hasher)
-
-    return await asyncio.to_thread(work)
+    finally:
+        os.close(fd)
+    return total == size and digest.matches(hasher)

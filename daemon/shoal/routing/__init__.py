@@ -1,6 +1,21 @@
-"""Finding which peers hold a key (a digest or a tag), behind one small asyncio interface."""
+"""Finding which peers hold a key (a digest or a tag), behind one small asyncio interface.
 
-from shoal.routing.base import Peer, Router
+Importing this package stays cheap: libp2p (~80 MB, ~0.6 s) is imported only when a
+`Libp2pRouter` starts.
+"""
+
+from shoal.routing.base import P2P_INFO_PATH, NodeInfo, Peer, Router
+from shoal.routing.factory import make_router
 from shoal.routing.memory import MemoryNetwork, MemoryRouter
+from shoal.routing.options import RoutingOptions
 
-__all__ = ["MemoryNetwork", "MemoryRouter", "Peer", "Router"]
+__all__ = [
+    "P2P_INFO_PATH",
+    "MemoryNetwork",
+    "MemoryRouter",
+    "NodeInfo",
+    "Peer",
+    "Router",
+    "RoutingOptions",
+    "make_router",
+]

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+# Served by the registry app (GET, JSON `NodeInfo.to_json()`): how dns/kubernetes bootstrap
+# learns a peer's libp2p ID, which a dial needs, from nothing but its IP.
+P2P_INFO_PATH = "/_shoal/p2p"
 
 
 @dataclass(frozen=True)
@@ -13,6 +17,17 @@ class Peer:
 
     id: str
     address: str
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """This node's routing identity: its peer ID and the multiaddrs peers dial (with /p2p/<id>)."""
+
+    id: str
+    addrs: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "addrs": list(self.addrs)}
 
 
 class Router(Protocol):
@@ -36,4 +51,8 @@ class Router(Protocol):
 
     def ready(self) -> bool:
         """True once connected to at least one peer (or configured to run alone)."""
+        ...
+
+    def node_info(self) -> NodeInfo:
+        """Served at P2P_INFO_PATH so other nodes can bootstrap from this node's IP alone."""
         ...

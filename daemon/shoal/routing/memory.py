@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 
-from shoal.routing.base import Peer
+from shoal.routing.base import NodeInfo, Peer
 
 
 class MemoryNetwork:
@@ -14,9 +14,10 @@ class MemoryNetwork:
 
 
 class MemoryRouter:
-    def __init__(self, network: MemoryNetwork, peer: Peer) -> None:
+    def __init__(self, network: MemoryNetwork, peer: Peer, ready_alone: bool = False) -> None:
         self._net = network
         self.peer = peer
+        self._ready_alone = ready_alone
         self._started = False
 
     async def start(self) -> None:
@@ -43,4 +44,7 @@ class MemoryRouter:
             yield peer
 
     def ready(self) -> bool:
-        return self._started and len(self._net.members) > 1
+        return self._started and (self._ready_alone or len(self._net.members) > 1)
+
+    def node_info(self) -> NodeInfo:
+        return NodeInfo(self.peer.id)

@@ -1,0 +1,106 @@
+"""What this node holds, as routing keys, kept in step with the router's advertisements.
+
+Keys are every digest of every image the node holds (index, the manifests present, configs,
+layers) and every tag as `<registry>/<repo>:<tag>` (containerd's image name). The catalog is
+rebuilt in full at start, after image events (debounced), after every event-stream break, and
+on a timer (containerd 1.6 publishes no event when content is added). Only differences are sent
+to the router: new keys advertised, vanished keys withdrawn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from shoal import metrics
+from shoal.containerd.client import ContainerdClient
+from shoal.containerd.model import ContainerdError, Event
+from shoal.containerd.watch import watch
+from shoal.routing.base import Router
+
+log = logging.getLogger("shoal.catalog")
+
+# Events come in bursts (a pull creates up to three image records): one rebuild per burst.
+DEBOUNCE = 0.3
+
+
+def tag_key(image_name: str) -> str | None:
+    """The routing key of an image record that names a tag, or None (digest-only records)."""
+    last = image_name.rsplit("/", 1)[-1]
+    if "@" in image_name or ":" not in last or "/" not in image_name:
+        return None
+    return image_name
+
+
+async def node_keys(client: ContainerdClient) -> set[str]:
+    """Every key this node can serve now, read from containerd."""
+    images = await client.list_images()
+    present = {info.digest for info in await client.list_content()}
+    keys: set[str] = set()
+    for image in images:
+        walked = await client.walk_image(image, present)
+        keys |= walked.digests
+        tag = tag_key(image.name)
+        if tag is not None and image.target.digest in present:
+            keys.add(tag)
+    return keys
+
+
+class Catalog:
+    def __init__(
+        self,
+        client: ContainerdClient,
+        router: Router,
+        resync_interval: float,
+        read_keys: Callable[[ContainerdClient], Awaitable[set[str]]] = node_keys,
+    ) -> None:
+        self.client = client
+        self.router = router
+        self.resync_interval = resync_interval
+        self.read_keys = read_keys
+        self.keys: set[str] = set()
+        self._dirty = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self.synced = asyncio.Event()
+
+    async def sync(self) -> None:
+        async with self._lock:
+            keys = await self.read_keys(self.client)
+            added, removed = keys - self.keys, self.keys - keys
+            if removed:
+                await self.router.withdraw(removed)
+            if added:
+                await self.router.advertise(added)
+            self.keys = keys
+            metrics.ADVERTISED.set(len(keys))
+            self.synced.set()
+            if added or removed:
+                log.info("catalog: %d keys (+%d, -%d)", len(keys), len(added), len(removed))
+
+    async def _on_event(self, event: Event) -> None:
+        self._dirty.set()
+
+    async def _on_resync(self) -> None:
+        await self.sync()
+
+    async def _rebuild_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._dirty.wait(), self.resync_interval)
+                await asyncio.sleep(DEBOUNCE)
+            except TimeoutError:
+                pass
+            self._dirty.clear()
+            try:
+                await self.sync()
+            except ContainerdError as exc:
+                log.warning("catalog sync failed, retrying: %s", exc)
+                self._dirty.set()
+                await asyncio.sleep(1)
+
+    async def run(self) -> None:
+        """Runs until cancelled: the event watcher and the rebuild loop."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(watch(self.client, self._on_event, self._on_resync))
+            tasks.create_task(self._rebuild_loop())

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for the containerd API subset shoal uses (scripts/genproto)."""

@@ -1,0 +1,191 @@
+"""Which blobs of an image a node holds: index -> present manifests -> config and layers.
+
+A node pulls only its own platform from a multi-arch index, so an index's other manifests are
+normally absent; that is not an error. What a present manifest references but the store lacks
+(a pull in progress, or content GC'd) is reported as `missing`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from shoal.containerd.model import ContainerdNotFound, Descriptor
+from shoal.oci.digest import Digest
+from shoal.oci.errors import DigestInvalid
+from shoal.oci.mediatypes import (
+    ALL_MANIFEST_TYPES,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    MAX_MANIFEST_BYTES,
+    detect_media_type,
+    parse_manifest,
+)
+
+Kind = Literal["index", "manifest", "config", "layer", "blob"]
+Fetch = Callable[[str], Awaitable[bytes]]
+Has = Callable[[str], Awaitable[bool]]
+# Indexes may nest; a bound keeps a malicious or broken store from recursing forever.
+MAX_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class Blob:
+    """One blob of an image present on the node. `platform` (`os/arch[/variant]`) is set for
+    manifests reached through an index that declares one. `kind` "blob" is content whose
+    manifest type shoal does not know (kept so it can still be served by digest)."""
+
+    digest: str
+    media_type: str
+    size: int
+    kind: Kind
+    platform: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeImage:
+    name: str
+    target: Descriptor
+    blobs: tuple[Blob, ...]
+    missing: tuple[str, ...] = ()
+
+    @property
+    def digests(self) -> frozenset[str]:
+        return frozenset(b.digest for b in self.blobs)
+
+    @property
+    def complete(self) -> bool:
+        """The target and everything its present manifests reference are in the store."""
+        return bool(self.blobs) and not self.missing
+
+    def get(self, digest: str) -> Blob | None:
+        return next((b for b in self.blobs if b.digest == digest), None)
+
+
+def manifest_type(body: bytes, hint: str) -> str | None:
+    """The media type to serve manifest bytes with, or None if they are no known manifest.
+
+    A `mediaType` the document declares wins; then the descriptor's type (`hint`); then the
+    document's shape (OCI manifests and indexes may omit `mediaType`).
+    """
+    doc = parse_manifest(body)
+    if doc is None:
+        return None
+    declared = doc.get("mediaType")
+    if isinstance(declared, str) and declared in ALL_MANIFEST_TYPES:
+        return declared
+    if hint in ALL_MANIFEST_TYPES and not declared:
+        return hint
+    return detect_media_type(body)
+
+
+def platform_text(platform: Any) -> str | None:
+    if not isinstance(platform, Mapping):
+        return None
+    parts = [platform.get("os"), platform.get("architecture"), platform.get("variant")]
+    parts = [p for p in parts if isinstance(p, str) and p]
+    return "/".join(parts) or None
+
+
+def child_descriptor(entry: Any) -> Descriptor | None:
+    """A descriptor from manifest JSON, or None when it is malformed (it is then skipped)."""
+    if not isinstance(entry, Mapping):
+        return None
+    digest, size, media_type = entry.get("digest"), entry.get("size"), entry.get("mediaType", "")
+    if not isinstance(digest, str) or not isinstance(media_type, str):
+        return None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return None
+    try:
+        Digest.parse(digest)
+    except DigestInvalid:
+        return None
+    annotations = entry.get("annotations")
+    if not isinstance(annotations, Mapping):
+        annotations = {}
+    return Descriptor(media_type, digest, size, dict(annotations))
+
+
+def children(doc: Mapping[str, Any], media_type: str) -> list[tuple[Descriptor, Kind, Any]]:
+    """What a manifest or an index references: (descriptor, kind, platform JSON)."""
+    out: list[tuple[Descriptor, Kind, Any]] = []
+    if media_type in INDEX_TYPES:
+        entries = doc.get("manifests")
+        for entry in entries if isinstance(entries, list) else ():
+            desc = child_descriptor(entry)
+            if desc is not None:
+                out.append((desc, "manifest", entry.get("platform")))
+    elif media_type in MANIFEST_TYPES:
+        config = child_descriptor(doc.get("config"))
+        if config is not None:
+            out.append((config, "config", None))
+        layers = doc.get("layers")
+        for entry in layers if isinstance(layers, list) else ():
+            desc = child_descriptor(entry)
+            if desc is not None:
+                out.append((desc, "layer", None))
+    return out
+
+
+async def walk(name: str, target: Descriptor, fetch: Fetch, has: Has) -> NodeImage:
+    """Walks the image from `target`. `fetch(digest)` returns a manifest's bytes (raising
+    ContainerdNotFound if gone, ValueError if too large); `has(digest)` tells whether the
+    store holds a committed blob."""
+    found: dict[str, Blob] = {}
+    missing: list[str] = []
+
+    async def visit(
+        desc: Descriptor, kind: Kind, platform: str | None, depth: int, optional: bool
+    ) -> None:
+        if desc.digest in found or desc.digest in missing:
+            return
+        if not await has(desc.digest):
+            if not optional:
+                missing.append(desc.digest)
+            return
+        if kind in ("config", "layer"):
+            found[desc.digest] = Blob(desc.digest, desc.media_type, desc.size, kind)
+            return
+        body: bytes | None = None
+        if desc.size <= MAX_MANIFEST_BYTES:
+            try:
+                body = await fetch(desc.digest)
+            except ContainerdNotFound:
+                # Deleted between `has` and the read.
+                if not optional:
+                    missing.append(desc.digest)
+                return
+            except ValueError:
+                body = None
+        media_type = manifest_type(body, desc.media_type) if body is not None else None
+        doc = parse_manifest(body) if body is not None and media_type else None
+        if media_type is None or doc is None:
+            found[desc.digest] = Blob(desc.digest, desc.media_type, desc.size, "blob", platform)
+            return
+        is_index = media_type in INDEX_TYPES
+        found[desc.digest] = Blob(
+            desc.digest,
+            media_type,
+            desc.size,
+            "index" if is_index else "manifest",
+            platform,
+        )
+        if depth >= MAX_DEPTH:
+            return
+        for child, child_kind, child_platform in children(doc, media_type):
+            await visit(
+                child,
+                child_kind,
+                platform_text(child_platform) if is_index else None,
+                depth + 1,
+                # An index lists every platform; a node holds only its own.
+                optional=is_index,
+            )
+
+    try:
+        Digest.parse(target.digest)
+    except DigestInvalid:
+        return NodeImage(name, target, (), (target.digest,))
+    await visit(target, "manifest", None, 0, optional=False)
+    return NodeImage(name, target, tuple(found.values()), tuple(missing))

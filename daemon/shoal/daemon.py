@@ -1,0 +1,134 @@
+"""`shoal run`: wires containerd, the sources and the HTTP servers, and stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+from aiohttp import web
+
+from shoal import logs, metrics
+from shoal.catalog import Catalog
+from shoal.config import Settings
+from shoal.containerd.client import ContainerdClient
+from shoal.local import LocalSource
+from shoal.nodestore import ContainerdStore
+from shoal.peers import PeerSource
+from shoal.registry.app import SourceChain, make_app
+from shoal.routing.factory import make_router
+
+log = logging.getLogger("shoal")
+
+# In-flight pulls get this long to finish after SIGTERM before connections are closed.
+SHUTDOWN_GRACE = 10.0
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """`host:port`, `[v6]:port` or `:port` (all interfaces)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address needs a port: {address!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def health_app(ready: Callable[[], bool]) -> web.Application:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        ok = ready()
+        return web.Response(status=200 if ok else 503, text="ready\n" if ok else "not ready\n")
+
+    async def metrics_view(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    return app
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client = ContainerdClient(
+            settings.containerd_socket,
+            namespace=settings.containerd_namespace,
+            content_root=settings.content_root or None,
+        )
+        self.router = make_router(settings, split_host_port(settings.listen)[1])
+        self.peers = PeerSource(self.router)
+        self.catalog = Catalog(self.client, self.router, settings.resync_interval)
+        self.runners: list[web.AppRunner] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.containerd_ok = False
+
+    def ready(self) -> bool:
+        return self.containerd_ok and self.catalog.synced.is_set() and self.router.ready()
+
+    async def start(self) -> None:
+        await self.client.connect()
+        version = await self.client.version()
+        root = await self.client.content_root()
+        self.containerd_ok = True
+        log.info(
+            "containerd %s, namespace %s, content %s",
+            version,
+            self.settings.containerd_namespace,
+            root,
+        )
+        local = LocalSource(ContainerdStore(self.client))
+        chain = SourceChain([local, self.peers], peer_sources=[local])
+        # The registry first: bootstrap of other nodes asks it for this node's peer ID.
+        app = make_app(chain, p2p_info=lambda: self.router.node_info().to_json())
+        await self._serve(app, self.settings.listen, "registry")
+        await self._serve(health_app(self.ready), self.settings.metrics_listen, "metrics")
+        await self.router.start()
+        self.tasks.append(asyncio.create_task(self.catalog.run(), name="catalog"))
+
+    async def _serve(self, app: web.Application, address: str, what: str) -> None:
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
+        await runner.setup()
+        host, port = split_host_port(address)
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        self.runners.append(runner)
+        log.info("%s listening on %s", what, address)
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for runner in reversed(self.runners):
+            await runner.cleanup()
+        await self.peers.close()
+        await self.router.stop()
+        await self.client.close()
+
+
+async def _main(settings: Settings) -> int:
+    daemon = Daemon(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await daemon.start()
+        log.info("shoal ready")
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await daemon.stop()
+    return 0
+
+
+def run_daemon(settings: Settings) -> int:
+    logs.setup(settings.log_level)
+    try:
+        return asyncio.run(_main(settings))
+    except Exception as exc:  # a start-up failure: one clear line, then a non-zero exit
+        log.error("shoal failed: %s", exc, exc_info=settings.log_level == "debug")
+        return 1

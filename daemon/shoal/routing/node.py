@@ -1,0 +1,733 @@
+"""The trio side of the libp2p router: host, Kademlia DHT, bulk announce and the fast lookup.
+
+Everything here runs in the router's trio thread; `shoal.routing.p2p.Libp2pRouter` is the asyncio
+face. Two paths replace the stock ones (see shared notes, p2p-facts.md):
+
+* announce: for each key the `replication` closest known peers are computed locally, and each
+  target peer gets one stream with all of its keys (`shoal.routing.wire`), written straight into
+  its provider store. New keys go out at once, newly seen peers get their share within a tick,
+  and everything is re-sent every `reannounce_interval`.
+* lookup: GET_PROVIDERS to the closest peers, `lookup_parallel` at a time with a per-peer
+  deadline, stopping at `limit` providers, deduplicated, never written back into the store.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import trio
+from libp2p import new_host
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.io.exceptions import IncompleteReadError
+from libp2p.kad_dht.common import BUCKET_SIZE
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.pb.kademlia_pb2 import Message
+from libp2p.kad_dht.provider_store import ProviderRecord
+from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+from libp2p.utils.varint import read_varint_prefixed_bytes_limited
+from multiaddr import Multiaddr
+
+from shoal.routing import wire
+from shoal.routing.keys import keyspace_point
+from shoal.routing.options import RoutingOptions, ip_multiaddr, is_unspecified
+from shoal.routing.patches import apply_process_patches, tune_dht
+
+log = logging.getLogger(__name__)
+
+MAX_DHT_RESPONSE = 4 * 1024 * 1024
+
+T = TypeVar("T")
+
+
+@dataclass
+class NodeStats:
+    """Counters and samples read by the asyncio side (replaced whole, never mutated there)."""
+
+    routing_table: int = 0
+    connected: int = 0
+    keys: int = 0
+    stored_records: int = 0
+
+
+@dataclass
+class _Failure:
+    until: float
+    backoff: float
+    count: int = 0
+
+
+@dataclass
+class Counters:
+    announce_streams: int = 0
+    announce_failures: int = 0
+    records_sent: int = 0
+    records_received: int = 0
+    lookups: int = 0
+    lookup_local_hits: int = 0
+    lookup_queries: int = 0
+    lookup_query_failures: int = 0
+    connections_dropped: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def _ip_of(addr: Multiaddr) -> str | None:
+    for proto in ("ip4", "ip6"):
+        try:
+            value = addr.value_for_protocol(proto)
+        except Exception:
+            value = None
+        if value:
+            return str(value)
+    return None
+
+
+def provider_ip(info: PeerInfo) -> str | None:
+    """The first concrete IP among a provider's addresses (never 0.0.0.0 / ::)."""
+    for addr in info.addrs:
+        ip = _ip_of(addr)
+        if ip and not is_unspecified(ip):
+            return ip
+    return None
+
+
+class P2PNode:
+    """One libp2p host + DHT. Construct anywhere; `serve` runs inside trio."""
+
+    def __init__(
+        self,
+        key_pair: KeyPair,
+        listen_host: str,
+        listen_port: int,
+        announce_host: str,
+        announce_port: int,
+        options: RoutingOptions | None = None,
+        psk: str | None = None,
+    ) -> None:
+        self.options = options or RoutingOptions()
+        self._key_pair = key_pair
+        self._listen = Multiaddr(ip_multiaddr(listen_host, listen_port))
+        self._announce_host = announce_host
+        self._announce_port = announce_port
+        self._psk = psk
+        self.host: Any = None
+        self.dht: KadDHT | None = None
+        self.peer_id: ID | None = None
+        self.stats = NodeStats()
+        self.counters = Counters()
+        self._keys: set[bytes] = set()
+        self._covered: set[ID] = set()
+        self._last_connected: set[ID] = set()
+        self._failures: dict[ID, _Failure] = {}
+        self._stop = trio.Event()
+        self._stopped = trio.Event()
+        self._next_full = 0.0
+        self._bg: trio.Nursery | None = None
+        self._send_limiter = trio.CapacityLimiter(self.options.announce_parallel)
+        self._announce_limiter = trio.CapacityLimiter(self.options.inbound_streams)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def _announce_addrs(self, candidates: list[Multiaddr]) -> list[Multiaddr]:
+        """addrs_factory: only the configured address, never the 0.0.0.0 we listen on.
+
+        With an announce port of 0 (tests listen on port 0) the port actually bound is used.
+        """
+        port = self._announce_port
+        if port == 0:
+            for addr in candidates:
+                try:
+                    port = int(addr.value_for_protocol("tcp"))
+                    break
+                except Exception:
+                    continue
+        return [Multiaddr(ip_multiaddr(self._announce_host, port))]
+
+    def _make_host(self) -> Any:
+        noise = NoiseTransport(self._key_pair, noise_privkey=create_x25519_key_pair().private_key)
+        return new_host(
+            key_pair=self._key_pair,
+            # Noise only: the default also offers TLS, secio and plaintext.
+            sec_opt={NOISE_PROTOCOL_ID: noise},
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+            listen_addrs=[self._listen],
+            addrs_factory=self._announce_addrs,
+            psk=self._psk,
+            enable_mDNS=False,
+        )
+
+    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until `request_stop()`; reports started once listening with the DHT up."""
+        opts = self.options
+        apply_process_patches(opts.protocol_id, opts.record_ttl, opts.inbound_read_timeout)
+        self.host = self._make_host()
+        self.peer_id = self.host.get_id()
+        self.dht = KadDHT(self.host, DHTMode.SERVER)
+        tune_dht(
+            self.dht,
+            inbound_streams=opts.inbound_streams,
+            add_provider_per_10s=opts.add_provider_per_10s,
+        )
+        self.host.set_stream_handler(TProtocol(wire.ANNOUNCE_PROTOCOL), self._handle_announce)
+        try:
+            async with self.host.run(listen_addrs=[self._listen]):
+                async with background_trio_service(self.dht):
+                    self._next_full = trio.current_time() + self._jittered(opts.reannounce_interval)
+                    task_status.started()
+                    async with trio.open_nursery() as nursery:
+                        self._bg = nursery
+                        nursery.start_soon(self._maintain)
+                        await self._stop.wait()
+                        await self._withdraw_all()
+                        nursery.cancel_scope.cancel()
+        finally:
+            self._stopped.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def listen_addrs(self) -> list[str]:
+        """Announced multiaddrs including `/p2p/<id>`."""
+        return [str(a) for a in self.host.get_addrs()] if self.host else []
+
+    def _jittered(self, seconds: float) -> float:
+        return seconds * random.uniform(0.9, 1.1)
+
+    # ----------------------------------------------------------------- peers
+
+    def _is_failed(self, peer: ID, now: float | None = None) -> bool:
+        failure = self._failures.get(peer)
+        return failure is not None and failure.until > (now or trio.current_time())
+
+    def _mark_failed(self, peer: ID) -> None:
+        opts = self.options
+        now = trio.current_time()
+        prev = self._failures.get(peer)
+        backoff = (
+            opts.failure_backoff
+            if prev is None
+            else min(prev.backoff * 2, opts.failure_backoff_max)
+        )
+        count = 1 if prev is None else prev.count + 1
+        self._failures[peer] = _Failure(now + backoff, backoff, count)
+        self._covered.discard(peer)
+        if count >= 3 and self.dht is not None:
+            # Three strikes: drop it from the routing table; it comes back when it talks to us.
+            self.dht.routing_table.remove_peer(peer)
+
+    def _mark_ok(self, peer: ID) -> None:
+        self._failures.pop(peer, None)
+
+    def _dht_peers(self) -> list[ID]:
+        """Known DHT servers that are not backing off."""
+        assert self.dht is not None
+        now = trio.current_time()
+        return [p for p in self.dht.routing_table.get_peer_ids() if not self._is_failed(p, now)]
+
+    async def connect(
+        self,
+        addrs: Iterable[str],
+        timeout: float = 5.0,
+        limit: int | None = None,
+        skip_known: bool = False,
+    ) -> int:
+        """Dial `/…/p2p/<id>` multiaddrs (at most `limit` peers, optionally only ones not in
+        the routing table), add them to the routing table, then look ourselves up."""
+        assert self.dht is not None and self.peer_id is not None
+        infos: dict[ID, PeerInfo] = {}
+        for text in addrs:
+            try:
+                info = info_from_p2p_addr(Multiaddr(text))
+            except Exception as exc:
+                log.warning("bad bootstrap address %s: %s", text, exc)
+                continue
+            if info.peer_id == self.peer_id:
+                continue
+            if skip_known and self.dht.routing_table.peer_in_table(info.peer_id):
+                continue
+            known = infos.get(info.peer_id)
+            if known is None:
+                if limit is not None and len(infos) >= limit:
+                    continue
+                infos[info.peer_id] = info
+            else:
+                infos[info.peer_id] = PeerInfo(info.peer_id, known.addrs + info.addrs)
+        connected = 0
+
+        async def dial(info: PeerInfo) -> None:
+            nonlocal connected
+            assert self.dht is not None
+            with trio.move_on_after(timeout):
+                try:
+                    self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
+                    await self.host.connect(info)
+                    await self.dht.routing_table.add_peer(info)
+                    self._mark_ok(info.peer_id)
+                    connected += 1
+                except Exception as exc:
+                    log.info("bootstrap peer %s unreachable: %s", info.peer_id, exc)
+
+        async with trio.open_nursery() as nursery:
+            for info in infos.values():
+                nursery.start_soon(dial, info)
+        if connected:
+            with trio.move_on_after(10):
+                await self.dht.peer_routing.find_closest_peers_network(self.peer_id.to_bytes())
+        self._sample()
+        return connected
+
+    def _sample(self) -> None:
+        assert self.dht is not None
+        self.stats = NodeStats(
+            routing_table=self.dht.routing_table.size(),
+            connected=len(self.host.get_connected_peers()),
+            keys=len(self._keys),
+            stored_records=self.dht.provider_store.size(),
+        )
+
+    async def _maintain(self) -> None:
+        opts = self.options
+        while True:
+            await trio.sleep(opts.tick_interval)
+            try:
+                self._sample()
+                now = trio.current_time()
+                # A peer that (re)connected may have restarted with an empty store: give it
+                # its share of our keys again.
+                connected = set(self.host.get_connected_peers())
+                self._covered -= connected - self._last_connected
+                self._last_connected = connected
+                if now >= self._next_full:
+                    self._next_full = now + self._jittered(opts.reannounce_interval)
+                    await self.announce_all()
+                elif self._keys:
+                    newcomers = set(self._dht_peers()) - self._covered
+                    if newcomers:
+                        await self._announce(list(self._keys), wire.OP_ADD, only=newcomers)
+                # Forget failures long past so the table does not grow without bound.
+                for peer in [p for p, f in self._failures.items() if f.until + 3600 < now]:
+                    del self._failures[peer]
+            except Exception:
+                log.exception("routing maintenance failed")
+
+    # ----------------------------------------------------------------- announce
+
+    def _own_info(self) -> PeerInfo:
+        return PeerInfo(self.peer_id, self._own_addrs())
+
+    def _own_addrs(self) -> list[Multiaddr]:
+        suffix = Multiaddr(f"/p2p/{self.peer_id}")
+        return [a.decapsulate(suffix) for a in self.host.get_addrs()]
+
+    def _targets(self, keys: list[bytes], peers: list[ID]) -> dict[ID, list[bytes]]:
+        """For each peer, the keys it is among the `replication` closest for (self included)."""
+        assert self.peer_id is not None
+        r = self.options.replication
+        everyone = [*peers, self.peer_id]
+        if len(everyone) <= r:
+            return {p: keys for p in peers}
+        points = [(p, keyspace_point(p.to_bytes())) for p in everyone]
+        groups: dict[ID, list[bytes]] = {}
+        for key in keys:
+            target = keyspace_point(key)
+            for peer, _ in heapq.nsmallest(r, points, key=lambda item: item[1] ^ target):
+                if peer != self.peer_id:
+                    groups.setdefault(peer, []).append(key)
+        return groups
+
+    def _store_own(self, keys: Iterable[bytes], add: bool) -> None:
+        assert self.dht is not None
+        store = self.dht.provider_store.providers
+        me = str(self.peer_id)
+        if add:
+            info, now = self._own_info(), time.time()
+            for key in keys:
+                store.setdefault(key, {})[me] = ProviderRecord(info, now)
+        else:
+            for key in keys:
+                holders = store.get(key)
+                if holders is not None:
+                    holders.pop(me, None)
+                    if not holders:
+                        del store[key]
+
+    async def advertise(self, keys: list[bytes]) -> int:
+        """Add keys; the new ones are announced now. Returns how many were new."""
+        new = [k for k in dict.fromkeys(keys) if k not in self._keys]
+        if not new:
+            return 0
+        self._keys.update(new)
+        self._store_own(new, add=True)
+        await self._announce(new, wire.OP_ADD)
+        return len(new)
+
+    async def withdraw(self, keys: list[bytes]) -> None:
+        """Stop re-announcing and ask the current holders to drop our records."""
+        gone = [k for k in dict.fromkeys(keys) if k in self._keys]
+        self._keys.difference_update(gone)
+        self._store_own(gone, add=False)
+        if gone:
+            await self._announce(gone, wire.OP_REMOVE)
+
+    async def announce_all(self) -> None:
+        """Re-send every key to its current closest peers (refreshes record timestamps)."""
+        if not self._keys:
+            return
+        keys = list(self._keys)
+        self._store_own(keys, add=True)
+        ok = await self._announce(keys, wire.OP_ADD)
+        self._covered = ok
+
+    async def _withdraw_all(self) -> None:
+        timeout = self.options.withdraw_on_stop_timeout
+        if self._keys and timeout > 0:
+            # Sends are shielded: each gets the whole budget as its own deadline instead.
+            with trio.move_on_after(timeout):
+                await self._announce(list(self._keys), wire.OP_REMOVE, timeout=timeout)
+
+    async def _announce(
+        self,
+        keys: list[bytes],
+        op: int,
+        only: set[ID] | None = None,
+        timeout: float | None = None,
+    ) -> set[ID]:
+        """Send `keys` to their closest peers (or only to `only`); returns the peers that took
+        them, or needed none of them."""
+        peers = self._dht_peers()
+        groups = self._targets(keys, peers)
+        if only is not None:
+            groups = {p: ks for p, ks in groups.items() if p in only}
+            # A newcomer with no keys to hold still counts as covered.
+            self._covered.update(only - set(groups))
+        ok: set[ID] = set()
+        addrs = [a.to_bytes() for a in self._own_addrs()]
+
+        async def send(peer: ID, peer_keys: list[bytes]) -> None:
+            async with self._send_limiter:
+                if await self._send(peer, op, addrs, peer_keys, timeout):
+                    ok.add(peer)
+                    if op == wire.OP_ADD:
+                        self._covered.add(peer)
+
+        async with trio.open_nursery() as nursery:
+            for peer, peer_keys in groups.items():
+                nursery.start_soon(send, peer, peer_keys)
+        return ok | (set(peers) - set(groups))
+
+    async def _exchange(
+        self, peer: ID, protocol: str, timeout: float, body: Callable[[Any], Awaitable[T]]
+    ) -> tuple[bool, T | None]:
+        """Open a stream to `peer`, run `body(stream)`, close it: all under one shielded deadline.
+
+        Cancelling libp2p stream I/O half-way breaks the whole connection: Noise advances its
+        nonce before the bytes are written and multistream negotiation is left half-done, so
+        the next streams fail (`MultiselectClient handshake`) until the connection drops. Hence
+        nothing outside may cancel an exchange; only its own deadline can, and then the
+        connection is closed so the next exchange dials afresh.
+        """
+        stream = None
+        ok, result = False, None
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout) as scope:
+            try:
+                stream = await self.host.new_stream(peer, [TProtocol(protocol)])
+                result = await body(stream)
+                ok = True
+            except Exception as exc:
+                log.debug("%s exchange with %s failed: %r", protocol, peer, exc)
+            finally:
+                if stream is not None:
+                    with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
+                        try:
+                            await (stream.close() if ok else stream.reset())
+                        except Exception:
+                            pass
+        if scope.cancelled_caught:
+            log.debug("%s exchange with %s timed out after %.1fs", protocol, peer, timeout)
+            self.counters.connections_dropped += 1
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
+                try:
+                    await self.host.get_network().close_peer(peer)
+                except Exception:
+                    pass
+        return ok, result
+
+    async def _send(
+        self,
+        peer: ID,
+        op: int,
+        addrs: list[bytes],
+        keys: list[bytes],
+        timeout: float | None = None,
+    ) -> bool:
+        opts = self.options
+        step = opts.announce_frame_keys
+        frames = [keys[i : i + step] for i in range(0, len(keys), step)]
+        if timeout is None:
+            timeout = opts.announce_open_timeout + opts.announce_frame_timeout * len(frames)
+
+        async def body(stream: Any) -> None:
+            for chunk in frames:
+                await stream.write(wire.encode_announce(op, addrs, chunk))
+                wire.decode_ack(await read_varint_prefixed_bytes_limited(stream, 64))
+
+        ok, _ = await self._exchange(peer, wire.ANNOUNCE_PROTOCOL, timeout, body)
+        if ok:
+            self.counters.announce_streams += 1
+            self.counters.records_sent += len(keys)
+            self._mark_ok(peer)
+        else:
+            self.counters.announce_failures += 1
+            self._mark_failed(peer)
+        return ok
+
+    async def _handle_announce(self, stream: Any) -> None:
+        assert self.dht is not None
+        peer = stream.muxed_conn.peer_id
+        timeout = self.options.inbound_read_timeout
+        failed = True
+        try:
+            async with self._announce_limiter:
+                # The sender speaks shoal's DHT: it belongs in our routing table.
+                await self.dht.add_peer(peer, skip_server_mode_check=True)
+                while True:
+                    # A deadline only fires on a peer idle for `timeout`: the stream is reset.
+                    with trio.fail_after(timeout):
+                        try:
+                            body = await read_varint_prefixed_bytes_limited(stream, wire.MAX_FRAME)
+                        except StreamEOF:
+                            break  # the sender closed its side: done
+                        except IncompleteReadError as exc:
+                            if exc.received_bytes == 0:
+                                break
+                            raise
+                        applied = self._apply(peer, wire.decode_announce(body))
+                        await stream.write(wire.encode_ack(applied))
+                failed = False
+        except Exception as exc:
+            log.debug("announce from %s dropped: %r", peer, exc)
+        finally:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
+                try:
+                    await (stream.reset() if failed else stream.close())
+                except Exception:
+                    pass
+
+    def _apply(self, peer: ID, msg: wire.Announce) -> int:
+        """Write (or drop) the sender's records straight into the DHT's provider store."""
+        assert self.dht is not None
+        store = self.dht.provider_store.providers
+        pid = str(peer)
+        if msg.op == wire.OP_REMOVE:
+            removed = 0
+            for key in msg.keys:
+                holders = store.get(key)
+                if holders is not None and holders.pop(pid, None) is not None:
+                    removed += 1
+                    if not holders:
+                        del store[key]
+            return removed
+        addrs = []
+        for raw in msg.addrs:
+            try:
+                addr = Multiaddr(raw)
+            except Exception:
+                continue
+            ip = _ip_of(addr)
+            if ip and not is_unspecified(ip):
+                addrs.append(addr)
+        if not addrs:
+            return 0
+        # One PeerInfo shared by all records of this sender keeps a record at a few hundred bytes.
+        info, now = PeerInfo(peer, addrs), time.time()
+        applied = 0
+        for key in msg.keys:
+            holders = store.get(key)
+            if holders is None:
+                store[key] = {pid: ProviderRecord(info, now)}
+            elif pid in holders or len(holders) < BUCKET_SIZE:
+                holders[pid] = ProviderRecord(info, now)
+            else:
+                continue  # k providers already, as the stock store does
+            applied += 1
+        self.counters.records_received += applied
+        return applied
+
+    # ----------------------------------------------------------------- lookup
+
+    async def find_providers(
+        self,
+        key: bytes,
+        limit: int,
+        emit: Callable[[PeerInfo], None],
+        use_local: bool = True,
+    ) -> int:
+        """Call `emit` for up to `limit` distinct providers other than us, first found first.
+
+        Queries run in the node's background nursery: returning early (limit reached, caller
+        cancelled) never interrupts an exchange, which finishes within its own deadline.
+        """
+        assert self.dht is not None and self.peer_id is not None and self._bg is not None
+        opts = self.options
+        self.counters.lookups += 1
+        seen: set[ID] = {self.peer_id}
+        held: list[PeerInfo] = []  # providers we know are failing: offered last
+        found = 0
+
+        def offer(info: PeerInfo) -> bool:
+            nonlocal found
+            if info.peer_id not in seen and found < limit:
+                seen.add(info.peer_id)
+                if self._is_failed(info.peer_id):
+                    held.append(info)
+                else:
+                    emit(info)
+                    found += 1
+            return found >= limit
+
+        if limit <= 0:
+            return 0
+        if use_local:
+            local = self.dht.provider_store.get_providers(key)
+            if any(info.peer_id != self.peer_id for info in local):
+                self.counters.lookup_local_hits += 1
+            for info in local:
+                if offer(info):
+                    return found
+
+        candidates = self.dht.routing_table.find_local_closest_peers(key, opts.replication)
+        if len(candidates) < opts.replication:
+            candidates += [p for p in self.host.get_connected_peers() if p not in candidates]
+        known = {p for p in candidates if p != self.peer_id}
+        target = keyspace_point(key)
+        now = trio.current_time()
+
+        def rank() -> list[ID]:
+            # Failing peers last, else closest first; only the `replication` closest known
+            # are worth asking, since that is where records are stored.
+            order = sorted(
+                known,
+                key=lambda p: (self._is_failed(p, now), keyspace_point(p.to_bytes()) ^ target),
+            )
+            return order[: opts.replication]
+
+        ranked = rank()
+        queried: set[ID] = set()
+        send, recv = trio.open_memory_channel[tuple[ID, Any]](math.inf)
+        inflight = 0
+
+        async def query(peer: ID) -> None:
+            result = await self._get_providers(peer, key)
+            try:
+                send.send_nowait((peer, result))
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass  # the lookup already returned
+
+        def launch(want: int) -> None:
+            nonlocal inflight
+            for peer in ranked:
+                if inflight >= want:
+                    return
+                if peer not in queried:
+                    queried.add(peer)
+                    inflight += 1
+                    assert self._bg is not None
+                    self._bg.start_soon(query, peer)
+
+        try:
+            # One query first; more join when it is slow (hedging) or after each answer
+            # without enough providers, up to `lookup_parallel` at once.
+            launch(1)
+            while inflight:
+                with trio.move_on_after(opts.lookup_hedge_delay) as waited:
+                    peer, result = await recv.receive()
+                if waited.cancelled_caught:
+                    launch(min(inflight + 1, opts.lookup_parallel))
+                    continue
+                inflight -= 1
+                if result is not None:
+                    providers, closer = result
+                    if any(offer(info) for info in providers):
+                        return found
+                    fresh = [p for p in closer if p != self.peer_id and p not in known]
+                    if fresh:
+                        known.update(fresh)
+                        ranked = rank()
+                launch(opts.lookup_parallel)
+        finally:
+            send.close()
+            recv.close()
+        for info in held:
+            if found >= limit:
+                break
+            emit(info)
+            found += 1
+        return found
+
+    async def _get_providers(self, peer: ID, key: bytes) -> tuple[list[PeerInfo], list[ID]] | None:
+        """One GET_PROVIDERS exchange within the per-peer deadline; None on any failure."""
+        self.counters.lookup_queries += 1
+        request = Message()
+        request.type = Message.MessageType.GET_PROVIDERS
+        request.key = key
+        payload = request.SerializeToString()
+
+        async def body(stream: Any) -> Any:
+            await stream.write(wire.encode_uvarint(len(payload)) + payload)
+            response = Message()
+            response.ParseFromString(
+                await read_varint_prefixed_bytes_limited(stream, MAX_DHT_RESPONSE)
+            )
+            if response.type != Message.MessageType.GET_PROVIDERS:
+                raise ValueError(f"unexpected response type {response.type}")
+            return response
+
+        ok, response = await self._exchange(
+            peer, self.options.protocol_id, self.options.lookup_peer_timeout, body
+        )
+        if not ok:
+            self.counters.lookup_query_failures += 1
+            self._mark_failed(peer)
+            return None
+        self._mark_ok(peer)
+        return self._parse_providers(response)
+
+    def _parse_providers(self, response: Any) -> tuple[list[PeerInfo], list[ID]]:
+        providers: list[PeerInfo] = []
+        for proto in response.providerPeers:
+            try:
+                addrs = [Multiaddr(raw) for raw in proto.addrs]
+                providers.append(PeerInfo(ID(proto.id), addrs))
+            except Exception:
+                continue
+        closer: list[ID] = []
+        peerstore = self.host.get_peerstore()
+        for proto in response.closerPeers:
+            try:
+                peer = ID(proto.id)
+                addrs = [Multiaddr(raw) for raw in proto.addrs]
+            except Exception:
+                continue
+            if addrs and peer != self.peer_id:
+                # Lets the walk dial peers it has not met yet.
+                peerstore.add_addrs(peer, addrs, 3600)
+            closer.append(peer)
+        return providers, closer

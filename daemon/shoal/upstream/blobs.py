@@ -1,0 +1,200 @@
+"""Content from upstream as Blobs: manifests held in memory, blobs streamed on demand.
+
+An UpstreamBlob never holds a blob in memory. A body cut midway is resumed with `Range` from the
+last byte received (a registry that ignores Range and answers 200 has the prefix skipped); a body
+that stays short raises UpstreamIncomplete. A whole-blob read is also hashed, and its last chunk
+held back until the digest matched, so a consumer that does not verify still never sees a
+complete wrong blob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from shoal.oci.digest import Digest
+from shoal.upstream.allowlist import Endpoint
+from shoal.upstream.client import RegistryClient
+from shoal.upstream.errors import (
+    UpstreamDigestMismatch,
+    UpstreamIncomplete,
+    UpstreamInvalid,
+    UpstreamUnavailable,
+)
+from shoal.upstream.transport import RETRYABLE
+
+log = logging.getLogger("shoal.upstream")
+
+CHUNK = 256 * 1024
+_THREAD_HASH_MIN = 256 * 1024  # hash big chunks off the event loop (hashlib drops the GIL)
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+class MemoryBlob:
+    """A small, already verified piece of content (a manifest)."""
+
+    path: str | None = None
+
+    def __init__(self, data: bytes, source: str = "upstream") -> None:
+        self.data = data
+        self.size = len(data)
+        self.source = source
+
+    async def open(self, start: int, end: int) -> AsyncIterator[bytes]:
+        if start < end:
+            yield self.data[start:end]
+
+
+class _Short(Exception):
+    """A body that ended before the bytes it promised (without a transport error)."""
+
+
+class UpstreamBlob:
+    path: str | None = None
+
+    def __init__(
+        self,
+        client: RegistryClient,
+        endpoint: Endpoint,
+        repository: str,
+        digest: Digest,
+        size: int,
+        *,
+        verify: bool = True,
+        resume_attempts: int = 3,
+        source: str = "upstream",
+    ) -> None:
+        self.client = client
+        self.endpoint = endpoint
+        self.repository = repository
+        self.digest = digest
+        self.size = size
+        self.verify = verify
+        self.resume_attempts = resume_attempts
+        self.source = source
+
+    async def open(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end). Raises an UpstreamError (a ConnectionError) if they cannot all
+        be had, UpstreamDigestMismatch if a whole-blob read hashes wrong."""
+        end = min(end, self.size)
+        hasher = self.digest.hasher() if self.verify and start == 0 and end == self.size else None
+        pos, held, failures = start, None, 0
+        while pos < end:
+            resp: aiohttp.ClientResponse | None = None
+            try:
+                resp = await self._get(pos, end)
+                skip = pos if resp.status == 200 else 0  # Range ignored: drop what we have
+                async for chunk in resp.content.iter_chunked(CHUNK):
+                    if skip:
+                        if len(chunk) <= skip:
+                            skip -= len(chunk)
+                            continue
+                        chunk, skip = chunk[skip:], 0
+                    chunk = chunk[: end - pos]
+                    pos += len(chunk)
+                    if hasher is None:
+                        yield chunk
+                    else:
+                        await _update(hasher, chunk)
+                        if held is not None:
+                            yield held
+                        held = chunk
+                    if pos >= end:
+                        break
+                if pos < end:
+                    raise _Short(f"body ended at byte {pos} of {end}")
+            except (*RETRYABLE, _Short) as exc:
+                failures += 1
+                if failures > self.resume_attempts:
+                    raise UpstreamIncomplete(
+                        f"{self.digest} from {self.endpoint.registry}: {pos} of {end} bytes"
+                    ) from exc
+                log.info("resuming %s at byte %d: %r", self.digest, pos, exc)
+                await asyncio.sleep(self.client.transport.retry.pause(failures - 1))
+            finally:
+                if resp is not None:
+                    resp.close()  # also when the consumer stops early: never reuse a half-read one
+        if hasher is not None:
+            if not self.digest.matches(hasher):
+                raise UpstreamDigestMismatch(
+                    f"{self.endpoint.registry} sent {self.digest} hashing to {hasher.hexdigest()}"
+                )
+            if held is not None:
+                yield held
+
+    async def _get(self, pos: int, end: int) -> aiohttp.ClientResponse:
+        headers = {}
+        if pos > 0 or end < self.size:
+            headers["Range"] = f"bytes={pos}-" if end == self.size else f"bytes={pos}-{end - 1}"
+        resp = await self.client.request(
+            self.endpoint, "GET", self.repository, "blobs", str(self.digest), headers=headers
+        )
+        problem = _check_answer(resp, pos, self.size)
+        if problem is not None:
+            resp.close()
+            error = UpstreamUnavailable if resp.status >= 500 else UpstreamInvalid
+            raise error(f"{self.digest} from {self.endpoint.registry}: {problem}")
+        return resp
+
+
+def _check_answer(resp: aiohttp.ClientResponse, pos: int, size: int) -> str | None:
+    """Why this answer to a (ranged) GET cannot give bytes from `pos` on, or None."""
+    if resp.status == 200:
+        if resp.content_length is not None and resp.content_length != size:
+            return f"{resp.content_length} bytes, expected {size}"
+        return None
+    if resp.status != 206:
+        return f"status {resp.status}"
+    match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", "").strip())
+    if match is None or int(match.group(1)) != pos:
+        return f"Content-Range {resp.headers.get('Content-Range')!r} for a range from {pos}"
+    if match.group(3) != "*" and int(match.group(3)) != size:
+        return f"Content-Range total {match.group(3)}, expected {size}"
+    return None
+
+
+async def _update(hasher: object, chunk: bytes) -> None:
+    if len(chunk) >= _THREAD_HASH_MIN:
+        await asyncio.to_thread(hasher.update, chunk)  # type: ignore[attr-defined]
+    else:
+        hasher.update(chunk)  # type: ignore[attr-defined]
+
+
+async def blob_size(
+    client: RegistryClient, endpoint: Endpoint, repository: str, digest: Digest
+) -> int | None:
+    """The blob's size from a HEAD (or, lacking Content-Length there, a GET's), None on 404."""
+    resp = await client.request(endpoint, "HEAD", repository, "blobs", str(digest))
+    try:
+        if resp.status == 404:
+            return None
+        if resp.status != 200:
+            raise UpstreamInvalid(f"HEAD {digest} at {endpoint.registry}: {resp.status}")
+        announced = resp.headers.get("Docker-Content-Digest")
+        if announced and announced.strip() != str(digest):
+            raise UpstreamDigestMismatch(f"HEAD {digest} at {endpoint.registry}: {announced}")
+        size = content_length(resp.headers.get("Content-Length"))
+    finally:
+        resp.release()
+    if size is not None:
+        return size
+    resp = await client.request(endpoint, "GET", repository, "blobs", str(digest))
+    try:  # only the headers are wanted; close() drops the connection and the body with it
+        if resp.status == 404:
+            return None
+        size = resp.content_length if resp.status == 200 else None
+        if size is None:
+            raise UpstreamInvalid(f"no size for {digest} at {endpoint.registry}")
+        return size
+    finally:
+        resp.close()
+
+
+def content_length(value: str | None) -> int | None:
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value.strip())

@@ -1,0 +1,190 @@
+"""The upstream registry as a Source (name "upstream").
+
+Tag policy is not decided here. `resolve` answers what upstream says a tag is; the caller picks:
+
+- `resolve(ref)`: upstream's answer, shared for `tag_ttl` seconds; None when upstream says the
+  tag does not exist, is not allowed, or cannot be asked.
+- `resolve(ref, fresh=True)`: ask upstream now, ignoring the TTL cache.
+- `resolve(ref, stale_ok=True)`: like `resolve(ref)`, but when upstream cannot be asked
+  (network, timeouts, 5xx, 429, denied), the last answer it gave, however old.
+- `lookup(ref)`: like `resolve` but raises UpstreamError when upstream cannot be asked, so
+  "does not exist" (None) and "unreachable" (exception) can be told apart.
+- `last_known(ref)`: the last answer and its age, without any request.
+
+`find` never raises for upstream failures (it answers None so that the registry answers 404 and
+containerd goes direct); the Blobs it returns raise UpstreamError subclasses midway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from aiohttp.abc import AbstractResolver
+
+from shoal.oci.digest import Digest
+from shoal.oci.names import Reference
+from shoal.sources import Blob, Descriptor
+from shoal.upstream.allowlist import AllowList, Endpoint
+from shoal.upstream.auth import Authenticator
+from shoal.upstream.blobs import MemoryBlob, UpstreamBlob, blob_size
+from shoal.upstream.client import RegistryClient
+from shoal.upstream.credentials import Credentials
+from shoal.upstream.errors import UpstreamError, UpstreamUnavailable
+from shoal.upstream.manifests import get_manifest, head_tag
+from shoal.upstream.tags import TagCache, TagKey
+from shoal.upstream.transport import RetryPolicy, Timeouts, Transport
+
+if TYPE_CHECKING:
+    from shoal.config import Settings
+
+log = logging.getLogger("shoal.upstream")
+
+
+class UpstreamSource:
+    name = "upstream"
+
+    def __init__(
+        self,
+        registries: Iterable[str],
+        *,
+        insecure: Iterable[str] = (),
+        credentials: str | None = None,
+        tag_ttl: float = 30.0,
+        timeouts: Timeouts | None = None,
+        retry: RetryPolicy | None = None,
+        verify_blobs: bool = True,
+        resolver: AbstractResolver | None = None,
+        trust_env: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`registries`: the allow-list; `insecure`: those reached over plain HTTP;
+        `credentials`: a docker config.json path; `resolver`: aiohttp's DNS resolver (tests);
+        `trust_env`: honour HTTP(S)_PROXY; `verify_blobs`: hash whole-blob reads here too."""
+        self.allowlist = AllowList(registries, insecure)
+        self.transport = Transport(
+            timeouts=timeouts, retry=retry, resolver=resolver, trust_env=trust_env
+        )
+        self.auth = Authenticator(
+            self.transport, Credentials(credentials, clock=clock), clock=clock
+        )
+        self.client = RegistryClient(self.transport, self.auth)
+        self.tags = TagCache(tag_ttl, clock=clock)
+        self.verify_blobs = verify_blobs
+        self.clock = clock
+        self._inflight: dict[TagKey, asyncio.Future[Descriptor | None]] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs: object) -> UpstreamSource:
+        return cls(
+            settings.mirror_registries,
+            insecure=settings.upstream_insecure,
+            credentials=settings.upstream_credentials or None,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def endpoint(self, registry: str | None) -> Endpoint | None:
+        """Where `registry` is reached, or None if shoal must not contact it."""
+        return self.allowlist.endpoint(registry)
+
+    # -- tags ------------------------------------------------------------------------------------
+
+    async def resolve(
+        self, ref: Reference, *, stale_ok: bool = False, fresh: bool = False
+    ) -> Descriptor | None:
+        try:
+            return await self.lookup(ref, fresh=fresh)
+        except UpstreamError as exc:
+            log.warning("cannot resolve %s upstream: %s", ref.image_name, exc)
+            if stale_ok:
+                known = self.last_known(ref)
+                if known is not None:
+                    log.warning("serving %s as last seen %.0fs ago", ref.image_name, known[1])
+                    return known[0]
+            return None
+
+    async def lookup(self, ref: Reference, *, fresh: bool = False) -> Descriptor | None:
+        """Upstream's answer for `ref`'s tag; raises UpstreamError when there is none to be had."""
+        endpoint = self.endpoint(ref.registry)
+        if endpoint is None or ref.tag is None:
+            return None
+        key = (endpoint.registry, ref.repository, ref.tag)
+        if not fresh:
+            cached = self.tags.fresh(key)
+            if cached is not None:
+                return cached.descriptor
+        task = self._inflight.get(key)
+        if task is None:  # concurrent lookups of one tag share one request
+            task = asyncio.ensure_future(self._ask(endpoint, ref.repository, ref.tag, key))
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: self._settled(key, t))
+        return await asyncio.shield(task)
+
+    def last_known(self, ref: Reference) -> tuple[Descriptor, float] | None:
+        """The last descriptor upstream gave for the tag and its age in seconds, if any."""
+        endpoint = self.endpoint(ref.registry)
+        if endpoint is None or ref.tag is None:
+            return None
+        answer = self.tags.last((endpoint.registry, ref.repository, ref.tag))
+        if answer is None or answer.descriptor is None:
+            return None
+        return answer.descriptor, self.clock() - answer.at
+
+    async def _ask(
+        self, endpoint: Endpoint, repository: str, tag: str, key: TagKey
+    ) -> Descriptor | None:
+        try:
+            async with asyncio.timeout(self.transport.timeouts.operation):
+                desc = await head_tag(self.client, endpoint, repository, tag)
+        except TimeoutError as exc:
+            raise UpstreamUnavailable(f"resolving {repository}:{tag} timed out") from exc
+        self.tags.put(key, desc)
+        return desc
+
+    def _settled(self, key: TagKey, task: asyncio.Future[Descriptor | None]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: waiters may all have gone
+
+    # -- content ---------------------------------------------------------------------------------
+
+    async def find(self, ref: Reference, digest: Digest, kind: str) -> Blob | None:
+        endpoint = self.endpoint(ref.registry)
+        if endpoint is None or kind not in ("manifest", "blob"):
+            return None
+        try:
+            async with asyncio.timeout(self.transport.timeouts.operation):
+                if kind == "manifest":
+                    fetched = await get_manifest(
+                        self.client, endpoint, ref.repository, str(digest), digest
+                    )
+                    return None if fetched is None else MemoryBlob(fetched.body, self.name)
+                size = await blob_size(self.client, endpoint, ref.repository, digest)
+        except (UpstreamError, TimeoutError) as exc:
+            log.warning("upstream %s %s of %s: %s", kind, digest, ref.repository, exc)
+            return None
+        if size is None:
+            return None
+        return UpstreamBlob(
+            self.client,
+            endpoint,
+            ref.repository,
+            digest,
+            size,
+            verify=self.verify_blobs,
+            resume_attempts=self.transport.retry.attempts,
+            source=self.name,
+        )
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+    async def __aenter__(self) -> UpstreamSource:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,176 @@
+"""Serving from peers: found through a router, hedged, resumed, verified, never forwarded."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from shoal.local import LocalSource, MemoryStore
+from shoal.peers import PeerSettings, PeerSource
+from shoal.registry.app import PEER_HEADER, SourceChain, make_app
+from shoal.routing import MemoryNetwork, MemoryRouter, Peer
+from tests.unit.test_registry import LAYER, NS, build_image
+
+
+class Cluster:
+    def __init__(self) -> None:
+        self.net = MemoryNetwork()
+        self.servers: list[TestServer] = []
+        self.lookups: list[str] = []
+
+    async def node(
+        self, name: str, store: MemoryStore | None = None, app: web.Application | None = None
+    ) -> tuple[TestServer, MemoryRouter]:
+        store = store or MemoryStore()
+        holder: dict[str, MemoryRouter] = {}
+        peers = PeerSource(_Counting(holder, self.lookups), PeerSettings(hedge_after=0.1,
+                           header_timeout=1.0, read_timeout=1.0))  # fmt: skip
+        local = LocalSource(store)
+        server = TestServer(app or make_app(SourceChain([local, peers], [local])),
+                            host="127.0.0.1")  # fmt: skip
+        await server.start_server()
+        router = MemoryRouter(self.net, Peer(name, f"127.0.0.1:{server.port}"))
+        holder["r"] = router
+        await router.start()
+        self.servers.append(server)
+        return server, router
+
+    async def close(self) -> None:
+        for server in self.servers:
+            await server.close()
+
+
+class _Counting:
+    """The node's router, counting lookups (the router is made after the server's port)."""
+
+    def __init__(self, holder: dict[str, MemoryRouter], log: list[str]) -> None:
+        self.holder, self.log = holder, log
+
+    def lookup(self, key: str, limit: int = 3) -> AsyncIterator[Peer]:
+        self.log.append(key)
+        return self.holder["r"].lookup(key, limit)
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    c = Cluster()
+    yield c
+    await c.close()
+
+
+async def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, dict]:
+    async with aiohttp.ClientSession() as s, s.get(url, headers=headers or {}) as resp:
+        return resp.status, await resp.read(), dict(resp.headers)
+
+
+async def test_blob_and_tag_come_from_a_peer(cluster: Cluster) -> None:
+    full = MemoryStore()
+    image = build_image(full)
+    _, router_a = await cluster.node("a", full)
+    await router_a.advertise([str(image["ldig"]), str(image["mdig"]), f"{NS}/team/app:v1"])
+    b, _ = await cluster.node("b")
+    status, body, headers = await get(str(b.make_url(f"/v2/team/app/blobs/{image['ldig']}")))
+    assert status == 200 and body == LAYER and headers["X-Shoal-Source"] == "peer"
+    status, body, headers = await get(str(b.make_url(f"/v2/team/app/manifests/v1?ns={NS}")))
+    assert status == 200 and body == image["manifest"]
+    # The tag key is scoped to the registry: the same repo:tag of another registry is a miss.
+    status, _, _ = await get(str(b.make_url("/v2/team/app/manifests/v1?ns=docker.io")))
+    assert status == 404
+
+
+async def test_peer_requests_are_never_forwarded(cluster: Cluster) -> None:
+    full = MemoryStore()
+    image = build_image(full)
+    _, router_a = await cluster.node("a", full)
+    await router_a.advertise([str(image["ldig"])])
+    b, _ = await cluster.node("b")
+    url = str(b.make_url(f"/v2/team/app/blobs/{image['ldig']}"))
+    status, _, _ = await get(url, {PEER_HEADER: "1"})
+    assert status == 404  # b lacks it and must not ask a, even though a has it
+    assert str(image["ldig"]) not in cluster.lookups
+
+
+async def test_slow_peer_is_hedged(cluster: Cluster) -> None:
+    full = MemoryStore()
+    image = build_image(full)
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(5)
+        return web.Response(status=404)
+
+    slow_app = web.Application()
+    slow_app.router.add_route("*", "/{tail:.*}", stall)
+    _, slow = await cluster.node("slow", app=slow_app)
+    _, good = await cluster.node("good", full)
+    for router in (slow, good):  # the slow one first in the provider list
+        await router.advertise([str(image["ldig"])])
+    b, _ = await cluster.node("b")
+    started = asyncio.get_running_loop().time()
+    status, body, _ = await get(str(b.make_url(f"/v2/team/app/blobs/{image['ldig']}")))
+    assert status == 200 and body == LAYER
+    assert asyncio.get_running_loop().time() - started < 2.5  # not the stalled peer's 5 s
+
+
+async def test_body_cut_midway_resumes_from_another_peer(cluster: Cluster) -> None:
+    full = MemoryStore()
+    image = build_image(full)
+    ranges: list[str | None] = []
+
+    async def flaky(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200)
+        resp.content_length = len(LAYER)
+        if request.method == "HEAD":
+            return resp
+        await resp.prepare(request)
+        await resp.write(LAYER[:1_000_000])
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+
+    async def record(request: web.Request, _: web.StreamResponse) -> None:
+        ranges.append(request.headers.get("Range"))
+
+    flaky_app = web.Application()
+    flaky_app.router.add_route("*", "/{tail:.*}", flaky)
+    good_app = make_app(SourceChain([LocalSource(full)]))
+    good_app.on_response_prepare.append(record)
+    _, bad = await cluster.node("flaky", app=flaky_app)
+    _, good = await cluster.node("good", app=good_app)
+    for router in (bad, good):
+        await router.advertise([str(image["ldig"])])
+    b, _ = await cluster.node("b")
+    status, body, _ = await get(str(b.make_url(f"/v2/team/app/blobs/{image['ldig']}")))
+    assert status == 200
+    assert hashlib.sha256(body).hexdigest() == image["ldig"].hex
+    resumed = [r for r in ranges if r]
+    assert len(resumed) == 1 and resumed[0].endswith(f"-{len(LAYER) - 1}")
+    first = int(resumed[0].removeprefix("bytes=").split("-")[0])
+    assert 0 < first <= 1_000_000  # resumed where the cut peer stopped, not from zero
+
+
+async def test_wrong_bytes_from_a_peer_never_complete(cluster: Cluster) -> None:
+    liar = MemoryStore()
+    image = build_image(liar)
+    bad = bytearray(LAYER)
+    bad[-10] ^= 1
+    liar.blobs[image["ldig"]] = bytes(bad)
+    _, router = await cluster.node("liar", liar)
+    await router.advertise([str(image["ldig"])])
+    b, _ = await cluster.node("b")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await get(str(b.make_url(f"/v2/team/app/blobs/{image['ldig']}")))
+
+
+async def test_total_miss_is_fast_and_remembered(cluster: Cluster) -> None:
+    b, _ = await cluster.node("b")
+    url = str(b.make_url("/v2/team/app/blobs/sha256:" + "1" * 64))
+    for _ in range(3):
+        status, body, _ = await get(url)
+        assert status == 404 and b"BLOB_UNKNOWN" in body
+    assert cluster.lookups.count("sha256:" + "1" * 64) == 1  # negative answer cached
