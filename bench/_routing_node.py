@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -77,6 +78,7 @@ class Node:
 
 
 async def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s node %(name)s %(levelname)s %(message)s")
     ap = argparse.ArgumentParser()
     ap.add_argument("--ip", required=True)
     ap.add_argument("--port", type=int, default=0)

@@ -77,6 +77,7 @@ class Catalog:
             self.synced.set()
             if added or removed:
                 log.info("catalog: %d keys (+%d, -%d)", len(keys), len(added), len(removed))
+                log.debug("catalog: added %s, removed %s", sorted(added), sorted(removed))
 
     async def _on_event(self, event: Event) -> None:
         self._dirty.set()

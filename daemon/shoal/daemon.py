@@ -17,6 +17,7 @@ from shoal.local import LocalSource
 from shoal.nodestore import ContainerdStore
 from shoal.peers import PeerSource
 from shoal.registry.app import SourceChain, make_app
+from shoal.routing.base import Router
 from shoal.routing.factory import make_router
 
 log = logging.getLogger("shoal")
@@ -34,7 +35,7 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def health_app(ready: Callable[[], bool]) -> web.Application:
+def health_app(ready: Callable[[], bool], router: Router) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -45,7 +46,16 @@ def health_app(ready: Callable[[], bool]) -> web.Application:
     async def metrics_view(_: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
 
+    async def providers(request: web.Request) -> web.Response:
+        """Which peers the DHT names for a key: what this node's pulls would try."""
+        key = request.query.get("key", "")
+        if not key or len(key) > 512:
+            return web.json_response({"error": "?key=<digest or registry/repo:tag>"}, status=400)
+        found = [{"id": p.id, "address": p.address} async for p in router.lookup(key, 20)]
+        return web.json_response({"key": key, "providers": found})
+
     app = web.Application()
+    app.router.add_get("/debug/providers", providers)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
@@ -86,7 +96,9 @@ class Daemon:
         # The registry first: bootstrap of other nodes asks it for this node's peer ID.
         app = make_app(chain, p2p_info=lambda: self.router.node_info().to_json())
         await self._serve(app, self.settings.listen, "registry")
-        await self._serve(health_app(self.ready), self.settings.metrics_listen, "metrics")
+        await self._serve(
+            health_app(self.ready, self.router), self.settings.metrics_listen, "metrics"
+        )
         await self.router.start()
         self.tasks.append(asyncio.create_task(self.catalog.run(), name="catalog"))
 

@@ -31,7 +31,9 @@ def setup(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("grpc").setLevel(logging.INFO)  # its debug lines are loop bookkeeping
+    # Third-party debug output (gRPC loop bookkeeping, multiaddr decoding) drowns shoal's own.
+    for noisy in ("grpc", "multiaddr", "libp2p", "root"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
     # aiohttp's access log repeats what the metrics say; keep it for debugging only.
     logging.getLogger("aiohttp.access").setLevel(
         logging.DEBUG if level == "debug" else logging.WARNING

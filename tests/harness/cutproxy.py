@@ -81,6 +81,9 @@ class CutProxy:
             async for chunk in up.content.iter_chunked(64 * 1024):
                 if cut and sent + len(chunk) >= self.cut_after:
                     await resp.write(chunk[: self.cut_after - sent])
+                    # abort() drops unsent buffers: let the cut-off prefix reach the client.
+                    await resp.drain()
+                    await asyncio.sleep(0.3)
                     assert request.transport is not None
                     request.transport.abort()
                     return resp

@@ -55,7 +55,7 @@ class ShoalDaemon:
             "--p2p-listen", f"{self.host}:{self.p2p_port}",
             "--p2p-announce", self.host,
             "--data-dir", str(self.data_dir),
-            "--log-level", "debug",
+            "--log-level", "info",
             *self.extra_args,
         ]  # fmt: skip
 

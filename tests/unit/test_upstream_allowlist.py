@@ -10,6 +10,7 @@ import pytest
 
 from shoal.config import Settings
 from shoal.oci.digest import Digest
+from shoal.oci.errors import RegistryError
 from shoal.oci.names import Reference
 from shoal.upstream import AllowList, UpstreamSource
 from tests.unit.test_upstream_fakes import (
@@ -158,3 +159,17 @@ async def test_injected_resolver_is_used_and_not_consulted_for_refused_names(
     assert desc is not None
     assert resolver.lookups == ["registry.test"]
     assert [s.path for s in reg.seen] == ["/v2/team/app/manifests/v1"]
+
+
+@pytest.mark.parametrize(
+    ("repository", "tag"),
+    [("team/app", "../../../admin"), ("team/app", "v1?x=1"), ("../admin", "v1"), ("a//b", "v1")],
+)
+async def test_hand_made_references_cannot_leave_the_api_path(
+    servers: Servers, repository: str, tag: str
+) -> None:
+    reg = await servers.registry()
+    async with source(reg) as src:
+        with pytest.raises(RegistryError):
+            await src.lookup(Reference(reg.host, repository, tag=tag))
+    assert reg.seen == []

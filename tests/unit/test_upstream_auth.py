@@ -283,6 +283,10 @@ async def test_basic_challenge_then_sent_up_front(servers: Servers, tmp_path: Pa
         assert await src.resolve(ref(reg)) is not None
         assert await src.find(ref(reg), image.digest, "manifest") is not None
     assert [s.authorization for s in reg.seen] == [None, basic("u", "p"), basic("u", "p")]
+    async with source(reg) as src:  # no credentials: nothing to answer Basic with
+        with pytest.raises(UpstreamDenied):
+            await src.lookup(ref(reg))
+    assert reg.seen[-1].authorization is None
 
 
 async def test_credentials_file_change_is_picked_up(servers: Servers, tmp_path: Path) -> None:

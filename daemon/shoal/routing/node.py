@@ -82,7 +82,7 @@ class Counters:
     lookup_local_hits: int = 0
     lookup_queries: int = 0
     lookup_query_failures: int = 0
-    connections_dropped: int = 0
+    exchange_timeouts: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -436,13 +436,12 @@ class P2PNode:
     async def _exchange(
         self, peer: ID, protocol: str, timeout: float, body: Callable[[Any], Awaitable[T]]
     ) -> tuple[bool, T | None]:
-        """Open a stream to `peer`, run `body(stream)`, close it: all under one shielded deadline.
+        """Open a stream to `peer`, run `body(stream)`, close it, under one shielded deadline.
 
-        Cancelling libp2p stream I/O half-way breaks the whole connection: Noise advances its
-        nonce before the bytes are written and multistream negotiation is left half-done, so
-        the next streams fail (`MultiselectClient handshake`) until the connection drops. Hence
-        nothing outside may cancel an exchange; only its own deadline can, and then the
-        connection is closed so the next exchange dials afresh.
+        Nothing outside (a lookup that has its answer, a caller that gave up) interrupts an
+        exchange: its stream is closed or reset properly and the peer sees no half-request.
+        Connection-level writes are shielded as well (see patches.shield_yamux_writes), so even
+        the deadline firing mid-exchange leaves the connection usable.
         """
         stream = None
         ok, result = False, None
@@ -461,13 +460,8 @@ class P2PNode:
                         except Exception:
                             pass
         if scope.cancelled_caught:
+            self.counters.exchange_timeouts += 1
             log.debug("%s exchange with %s timed out after %.1fs", protocol, peer, timeout)
-            self.counters.connections_dropped += 1
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
-                try:
-                    await self.host.get_network().close_peer(peer)
-                except Exception:
-                    pass
         return ok, result
 
     async def _send(

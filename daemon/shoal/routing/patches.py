@@ -64,7 +64,37 @@ def apply_process_patches(
     original = _applied.setdefault("read", kad_dht.read_varint_prefixed_bytes_limited)
     kad_dht.read_varint_prefixed_bytes_limited = _with_timeout(original, inbound_read_timeout)
     _applied["protocol_id"] = protocol_id
+    shield_yamux_writes()
     quiet_libp2p_logging()
+
+
+def shield_yamux_writes(stall_timeout: float = 30.0) -> None:
+    """Make every yamux frame write uncancellable (bounded by `stall_timeout`).
+
+    All of a connection's frames go through `Yamux._write_frame`. Noise encrypts (advancing its
+    nonce) before the bytes reach the socket, so a cancellation landing in between, from any
+    timeout anywhere (py-libp2p's own included), desynchronises the connection: every later
+    stream on it fails (`MultiselectClient handshake: read failed`) until it drops. Shielded,
+    a frame is written whole or the connection is closed.
+    """
+    from libp2p.stream_muxer.exceptions import MuxedConnUnavailable
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    original = _applied.setdefault("write_frame", Yamux._write_frame)
+
+    async def _write_frame(self: Any, data: bytes) -> None:
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + stall_timeout) as scope:
+            await original(self, data)
+        if scope.cancelled_caught:
+            # Half a frame may be on the wire: this connection cannot be trusted any more.
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
+                try:
+                    await self.secured_conn.close()
+                except Exception:
+                    pass
+            raise MuxedConnUnavailable(f"yamux write stalled for {stall_timeout}s")
+
+    Yamux._write_frame = _write_frame  # type: ignore[method-assign]
 
 
 def _with_timeout(

@@ -144,15 +144,17 @@ class Authenticator:
         return token, token_lifetime(doc.get("expires_in"))
 
     def _store(self, key: TokenKey, value: tuple[str, float]) -> None:
+        # Clients choose repository names, so scopes are unbounded: so must the cache not be.
         if len(self._tokens) >= _MAX_CACHED:
             now = self.clock()
             for stale in [k for k, (_, exp) in self._tokens.items() if exp <= now]:
                 del self._tokens[stale]
-                self._locks.pop(stale, None)
             while len(self._tokens) >= _MAX_CACHED:
-                oldest = next(iter(self._tokens))
-                del self._tokens[oldest]
-                self._locks.pop(oldest, None)
+                del self._tokens[next(iter(self._tokens))]
+        if len(self._locks) >= 2 * _MAX_CACHED:
+            for idle in [k for k, lock in self._locks.items() if not lock.locked()]:
+                if idle not in self._tokens:
+                    del self._locks[idle]
         self._tokens[key] = value
 
 

@@ -6,7 +6,8 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from shoal.oci.names import parse_repository
+from shoal.oci.digest import Digest
+from shoal.oci.names import is_tag, parse_repository
 from shoal.upstream.allowlist import Endpoint, origin
 from shoal.upstream.auth import Authenticator, pull_scope
 from shoal.upstream.errors import UpstreamDenied
@@ -33,7 +34,10 @@ class RegistryClient:
         A 401 from the registry itself is answered once (token or Basic) and the request
         repeated; a second 401, or any 403, raises UpstreamDenied. Other statuses are returned.
         """
-        parse_repository(repository)  # a path segment built from it must stay a name
+        # Checked again (References are normally valid already): the path must stay a path.
+        parse_repository(repository)
+        if not is_tag(reference):
+            Digest.parse(reference)
         url = endpoint.url(f"/v2/{repository}/{kind}/{reference}")
         scope = pull_scope(repository)
         auth = await self.auth.authorization(endpoint, scope)

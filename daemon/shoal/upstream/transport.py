@@ -37,7 +37,7 @@ RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutE
 class Timeouts:
     connect: float = 10.0  # TCP + TLS handshake
     read: float = 30.0  # until the first byte of the answer, and between any two chunks
-    operation: float = 120.0  # a whole small exchange (HEAD, manifest, token), retries included
+    operation: float = 60.0  # a whole small exchange (HEAD, manifest, token), retries included
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,204 @@
+"""Peers on real parts (issue 3): each node's containerd and shoal in its own network namespace.
+
+Node 1 pulls from the registry; the registry stops; nodes 2 and 3 pull by tag and by digest
+through their own local shoal, which finds node 1 over the libp2p DHT and streams from it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.harness import images
+from tests.harness.containerd import ContainerdNode
+from tests.harness.netns import Namespace, Network
+from tests.harness.procs import stop_all
+from tests.harness.registry import Registry
+from tests.harness.shoal import ShoalDaemon
+
+pytestmark = [pytest.mark.e2e, pytest.mark.netns]
+
+PORT, METRICS, P2P = 30020, 30021, 30022
+RESYNC = 4.0  # seconds; the deletion test waits at most one period (plus event latency)
+
+
+@dataclass
+class Node:
+    ns: Namespace
+    containerd: ContainerdNode
+    shoal: ShoalDaemon
+
+    def get(self, path: str, port: int = PORT, method: str = "GET") -> tuple[int, dict, bytes]:
+        """An HTTP request from inside this node's namespace."""
+
+        def call() -> tuple[int, dict, bytes]:
+            req = urllib.request.Request(f"http://{self.ns.ip}:{port}{path}", method=method)
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    return resp.status, dict(resp.headers), resp.read()
+            except urllib.error.HTTPError as err:
+                return err.code, dict(err.headers), err.read()
+
+        return self.ns.run(call)
+
+    def providers(self, key: str) -> list[str]:
+        status, _, body = self.get(f"/debug/providers?key={key}", METRICS)
+        assert status == 200, body
+        return [p["address"].split(":")[0] for p in json.loads(body)["providers"]]
+
+    def peer_id(self) -> str:
+        return json.loads(self.get("/_shoal/p2p")[2])["id"]
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+@dataclass
+class Cluster:
+    net: Network
+    registry: Registry
+    nodes: list[Node]
+    images: dict[str, images.TestImage]
+    refs: dict[str, str]
+
+    def start_shoal(self, i: int) -> ShoalDaemon:
+        node = self.nodes[i]
+        others = [n.ns.ip for n in self.nodes if n is not node]
+        node.shoal = ShoalDaemon(
+            node.containerd, host=node.ns.ip, port=PORT, metrics_port=METRICS, p2p_port=P2P,
+            extra_args=["--bootstrap", "static", "--bootstrap-peers",
+                        ",".join(f"/ip4/{ip}/tcp/{P2P}" for ip in others),
+                        "--resync-interval", str(RESYNC)],
+        ).start()  # fmt: skip
+        return node.shoal
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    base = tmp_path_factory.mktemp("peers")
+    net = Network("peers").create()
+    try:
+        registry = Registry(base / "registry", host_ip=net.host_ip).start()
+        built: dict[str, images.TestImage] = {
+            "small": images.oci_image("p2p-small"),
+            "index": images.multiarch_index("p2p-multi"),
+            "large": images.large_image(72, layers=2, seed=11, name="p2p-large"),
+        }
+        refs = {k: images.push(img, registry, f"p2p/{k}", "v1") for k, img in built.items()}
+        nodes = []
+        for i in range(3):
+            ns = net.add(f"n{i + 1}")
+            cd = ContainerdNode(f"n{i + 1}", base / f"n{i + 1}", netns=ns.name).start()
+            subprocess.run(
+                [sys.executable, "-m", "shoal.cli", "configure", "--hosts-dir", str(cd.hosts_dir),
+                 "--mirror", f"http://{ns.ip}:{PORT}",
+                 "--registry", f"{registry.host}=http://{registry.host}"],
+                check=True,
+            )  # fmt: skip
+            nodes.append(Node(ns, cd, None))  # type: ignore[arg-type]
+        cluster = Cluster(net, registry, nodes, built, refs)
+        for i in range(3):
+            cluster.start_shoal(i)
+        yield cluster
+    finally:
+        stop_all()
+        net.destroy()
+
+
+def test_nodes_pull_entirely_from_peers(cluster: Cluster) -> None:
+    n1, n2, n3 = cluster.nodes
+    for key in ("small", "index", "large"):
+        n1.containerd.pull(cluster.refs[key], via_hosts=False, plain_http=True)
+    tag = cluster.refs["small"].replace(f"{cluster.registry.host}/", "").split(":")[0]
+    wait_until(
+        lambda: n2.get(f"/v2/{tag}/manifests/v1?ns={cluster.registry.host}", method="HEAD")[0]
+        == 200,
+        30, "node 2's shoal finds node 1's tag through the DHT",
+    )  # fmt: skip
+    cluster.registry.stop()
+    try:
+        n2.containerd.pull(cluster.refs["small"])
+        n2.containerd.pull(cluster.refs["index"])
+        by_digest = cluster.refs["small"].rsplit(":", 1)[0] + "@" + cluster.images["small"].digest
+        n3.containerd.pull(by_digest)
+        n3.containerd.pull(cluster.refs["index"].rsplit(":", 1)[0] + "@"
+                           + cluster.images["index"].digest)  # fmt: skip
+        for node in (n2, n3):
+            for key in ("small", "index"):
+                for digest in cluster.images[key].for_platform().blobs:
+                    assert node.containerd.read_blob(digest) == n1.containerd.read_blob(digest)
+        assert n2.shoal.metric("shoal_requests_total", source="peer") >= 5
+        assert n3.shoal.metric("shoal_requests_total", source="peer") >= 5
+        assert n1.shoal.metric("shoal_requests_total", source="local") >= 10
+    finally:
+        cluster.registry.start()
+
+
+def _serving(node: Node, client_ip: str) -> bool:
+    out = node.ns.exec(["ss", "-tn", "state", "established", f"( sport = :{PORT} )"]).stdout
+    return client_ip in out
+
+
+def test_serving_peer_killed_mid_blob(cluster: Cluster) -> None:
+    n1, n2, n3 = cluster.nodes
+    ref = cluster.refs["large"]
+    n2.containerd.pull(ref)  # now node 1 and node 2 both hold the 72 MiB image
+    wait_until(lambda: len(n3.providers(cluster.images["large"].layers[0].digest)) == 2, 30,
+               "both holders advertised")  # fmt: skip
+    cluster.registry.stop()
+    n3.ns.limit("200mbit")  # ~3 s for the blob: time to kill the server midway
+    result: dict[str, object] = {}
+    puller = threading.Thread(target=lambda: result.update(r=n3.containerd.pull(ref, check=False)))
+    try:
+        puller.start()
+        wait_until(lambda: _serving(n1, n3.ns.ip) or _serving(n2, n3.ns.ip), 20, "a peer serves")
+        time.sleep(0.7)
+        victim = n1 if _serving(n1, n3.ns.ip) else n2
+        victim.shoal.kill()
+        puller.join(120)
+        proc = result["r"]
+        assert proc.returncode == 0, proc.stderr  # type: ignore[attr-defined]
+        for digest in cluster.images["large"].blobs:
+            survivor = n2 if victim is n1 else n1
+            assert n3.containerd.read_blob(digest) == survivor.containerd.read_blob(digest)
+    finally:
+        n3.ns.unlimit()
+        cluster.registry.start()
+        for i, node in enumerate(cluster.nodes):
+            if node.shoal.proc is None:
+                cluster.start_shoal(i)
+
+
+def test_deleted_image_is_withdrawn_and_restart_keeps_identity(cluster: Cluster) -> None:
+    n1, n2, n3 = cluster.nodes
+    image = cluster.images["small"]
+    n1.containerd.pull(cluster.refs["small"], via_hosts=False, plain_http=True)
+    layer = image.layers[0].digest
+    wait_until(lambda: n1.ns.ip in n3.providers(layer), 30, "node 1 advertised")
+    n1.containerd.remove_image(cluster.refs["small"])  # synchronous GC removes the content
+    took = wait_until(lambda: n1.ns.ip not in n3.providers(layer), RESYNC + 6,
+                      "node 1 withdrawn after deletion")  # fmt: skip
+    print(f"withdrawn {took:.1f}s after deletion")
+    # A restarted shoal keeps its peer ID and advertises again what its node holds.
+    before = n2.peer_id()
+    n2.shoal.stop()
+    cluster.start_shoal(1)
+    wait_until(lambda: n2.peer_id() != "", 20, "node 2's routing is up again")
+    assert n2.peer_id() == before
+    assert n2.containerd.has_blob(layer)
+    wait_until(lambda: n2.ns.ip in n3.providers(layer), 30, "node 2 re-advertised")
