@@ -78,13 +78,22 @@ class Node:
 
 
 async def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s node %(name)s %(levelname)s %(message)s")
     ap = argparse.ArgumentParser()
     ap.add_argument("--ip", required=True)
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--replication", type=int, default=RoutingOptions.replication)
     args = ap.parse_args()
+    # SHOAL_BENCH_DEBUG=1: this node's shoal.routing debug log in <data-dir>/node.log.
+    debug = os.environ.get("SHOAL_BENCH_DEBUG") == "1"
+    os.makedirs(args.data_dir, exist_ok=True)
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s node %(name)s %(levelname)s %(message)s",
+        **({"filename": os.path.join(args.data_dir, "node.log")} if debug else {}),
+    )
+    if debug:
+        logging.getLogger("shoal.routing").setLevel(logging.DEBUG)
     options = RoutingOptions(replication=args.replication)
     router = Libp2pRouter(
         data_dir=args.data_dir,

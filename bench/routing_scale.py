@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -125,7 +126,10 @@ def row(name: str, value: str, goal: str = "") -> None:
 async def wait_tables(nodes: list[NodeProc], want: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     while True:
-        sizes = [s["routing_table_peers"] for s in await asyncio.gather(*(n.call(cmd="stats") for n in nodes))]
+        sizes = [
+            s["routing_table_peers"]
+            for s in await asyncio.gather(*(n.call(cmd="stats") for n in nodes))
+        ]
         if min(sizes) >= want or time.monotonic() > deadline:
             return sizes
         await asyncio.sleep(1)
@@ -142,7 +146,9 @@ async def lookups(
     index = {n.index: n for n in nodes}
 
     async def run(i: int, ks: list[str]) -> Any:
-        return ks, await index[i].call(cmd="lookup", keys=ks, use_local=use_local, parallel=parallel)
+        return ks, await index[i].call(
+            cmd="lookup", keys=ks, use_local=use_local, parallel=parallel
+        )
 
     found, lat, cpu = 0, [], 0.0
     for ks, reply in await asyncio.gather(*(run(i, ks) for i, ks in by_node.items())):
@@ -189,10 +195,12 @@ async def bench(args: argparse.Namespace) -> None:
             )
         await asyncio.gather(*(n.call(cmd="connect", addrs=nodes[0].addrs) for n in nodes[1:]))
         sizes = await wait_tables(nodes, min(args.nodes - 1, 20), 90)
-        print(f"\n{args.nodes} nodes up in {time.monotonic() - t0:.1f}s; routing tables "
-              f"min/median/max {min(sizes)}/{statistics.median(sizes):.0f}/{max(sizes)}; "
-              f"replication {args.replication}; {os.cpu_count()} CPUs "
-              f"(load avg {os.getloadavg()[0]:.1f})\n")
+        print(
+            f"\n{args.nodes} nodes up in {time.monotonic() - t0:.1f}s; routing tables "
+            f"min/median/max {min(sizes)}/{statistics.median(sizes):.0f}/{max(sizes)}; "
+            f"replication {args.replication}; {os.cpu_count()} CPUs "
+            f"(load avg {os.getloadavg()[0]:.1f})\n"
+        )
         print(f"| {'measure':<58} | {'value':>24} | {'goal':<22} |")
         print(f"|{'-' * 60}|{'-' * 26}|{'-' * 24}|")
 
@@ -212,7 +220,10 @@ async def bench(args: argparse.Namespace) -> None:
         cluster_cpu = sum(proc_cpu(p) for p in pids) - cpu0
         total = args.keys * args.nodes
         row(f"advertise {args.keys} keys on each of {args.nodes} nodes: wall", f"{wall:.2f} s")
-        row("  advertise calls' own CPU (sum over nodes)", f"{sum(r['cpu'] for r in replies):.2f} CPU-s")
+        row(
+            "  advertise calls' own CPU (sum over nodes)",
+            f"{sum(r['cpu'] for r in replies):.2f} CPU-s",
+        )
         row("  cluster CPU incl. receivers (sum over processes)", f"{cluster_cpu:.2f} CPU-s")
         row("  cluster CPU per key", f"{cluster_cpu / total * 1000:.3f} ms")
 
@@ -220,12 +231,17 @@ async def bench(args: argparse.Namespace) -> None:
         all_keys = list(owner_of)
         sample = all_keys if args.verify >= len(all_keys) else random.sample(all_keys, args.verify)
         found, lat, _ = await lookups(nodes, owner_of, sample, use_local=False, parallel=4)
-        row(f"verify: {len(sample)} keys over the network, owner found", f"{found}/{len(sample)}",
-            "all")
+        row(
+            f"verify: {len(sample)} keys over the network, owner found",
+            f"{found}/{len(sample)}",
+            "all",
+        )
 
         # 3. latency, one lookup in flight at a time
-        for use_local, label in ((True, "as the daemon does (local store first)"),
-                                 (False, "over the network (local store skipped)")):
+        for use_local, label in (
+            (True, "as the daemon does (local store first)"),
+            (False, "over the network (local store skipped)"),
+        ):
             found, lat = 0, []
             for _ in range(args.latency // 10):
                 f, l, _ = await _one_node_batch(nodes, owner_of, all_keys, use_local)
@@ -236,8 +252,9 @@ async def bench(args: argparse.Namespace) -> None:
             row("  found", f"{found}/{len(lat)}")
 
         # 4. a fresh node advertises many digests
-        single = await NodeProc.spawn(args.nodes, f"127.0.0.{args.nodes + 2}", f"{tmp}/single",
-                                      args.replication)
+        single = await NodeProc.spawn(
+            args.nodes, f"127.0.0.{args.nodes + 2}", f"{tmp}/single", args.replication
+        )
         nodes.append(single)
         await single.call(cmd="connect", addrs=nodes[0].addrs)
         await wait_tables([single], min(args.nodes, 20), 60)
@@ -247,41 +264,62 @@ async def bench(args: argparse.Namespace) -> None:
         single_cpu = proc_cpu(single.proc.pid) - cpu_single0
         all_cpu = sum(proc_cpu(n.proc.pid) for n in nodes) - cpu_all0
         row(f"one node advertises {args.single} digests: wall", f"{reply['wall']:.2f} s", "≤60 s")
-        row("  its CPU (process)", f"{single_cpu:.2f} CPU-s ({single_cpu / reply['wall']:.2f} core)",
-            "≤1 core")
+        row(
+            "  its CPU (process)",
+            f"{single_cpu:.2f} CPU-s ({single_cpu / reply['wall']:.2f} core)",
+            "≤1 core",
+        )
         row("  cluster CPU incl. receivers", f"{all_cpu:.2f} CPU-s")
         bulk_per_key = single_cpu / args.single
         single_keys = [bench_key("single", i) for i in range(args.single)]
         for key in single_keys:
             owner_of[key] = single.index
         found, _, _ = await lookups(nodes[:-1], owner_of, single_keys, use_local=True, parallel=4)
-        row(f"  verify: all {args.single} looked up from other nodes", f"{found}/{args.single}",
-            "all")
+        row(
+            f"  verify: all {args.single} looked up from other nodes",
+            f"{found}/{args.single}",
+            "all",
+        )
 
         # 5. stock provide() for reference
         stock_keys = [bench_key("stock", i) for i in range(args.stock)]
         cpu_before = proc_cpu(single.proc.pid)
         reply = await single.call(cmd="provide_stock", keys=stock_keys, timeout=600)
         stock_cpu = proc_cpu(single.proc.pid) - cpu_before
-        row(f"stock provide() x{args.stock}: wall per key", f"{reply['wall'] / args.stock * 1000:.0f} ms")
+        row(
+            f"stock provide() x{args.stock}: wall per key",
+            f"{reply['wall'] / args.stock * 1000:.0f} ms",
+        )
         row("  CPU per key (process)", f"{stock_cpu / args.stock * 1000:.1f} ms")
         row("  bulk announce CPU per key (phase 4)", f"{bulk_per_key * 1000:.2f} ms")
         row("  ratio stock / bulk (CPU per key)", f"{stock_cpu / args.stock / bulk_per_key:.0f}x")
 
         # 6. memory
         rss = [proc_rss_mib(n.proc.pid) for n in nodes]
-        row("RSS per process: min / median / max",
-            f"{min(rss):.0f} / {statistics.median(rss):.0f} / {max(rss):.0f} MiB", "≤128 MiB")
+        row(
+            "RSS per process: min / median / max",
+            f"{min(rss):.0f} / {statistics.median(rss):.0f} / {max(rss):.0f} MiB",
+            "≤128 MiB",
+        )
         stats = await asyncio.gather(*(n.call(cmd="stats") for n in nodes))
         records = [s["stored_records"] for s in stats]
-        row("provider records stored per node: median / max",
-            f"{statistics.median(records):.0f} / {max(records)}")
+        row(
+            "provider records stored per node: median / max",
+            f"{statistics.median(records):.0f} / {max(records)}",
+        )
         failures = sum(s["announce_failures"] for s in stats)
         qfail = sum(s["lookup_query_failures"] for s in stats)
         row("announce stream failures / lookup query failures", f"{failures} / {qfail}")
+        if args.verbose:
+            for n, s in zip(nodes, stats, strict=True):
+                print(n.index, {k: v for k, v in s.items() if v})
         print(f"\ntotal bench time {time.monotonic() - t0:.0f} s")
     finally:
         await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
+        if args.keep:
+            print(f"data kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
@@ -295,6 +333,8 @@ def main() -> None:
     ap.add_argument("--replication", type=int, default=20)
     ap.add_argument("--tick-wait", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--verbose", action="store_true", help="print every node's counters")
+    ap.add_argument("--keep", action="store_true", help="keep the data directory (node logs)")
     asyncio.run(bench(ap.parse_args()))
 
 

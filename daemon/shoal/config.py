@@ -75,6 +75,7 @@ OPTIONS: tuple[Option, ...] = (
         type=_csv,
     ),
     Option("tag_policy", "upstream-first", "how tags are resolved", choices=TAG_POLICIES),
+    Option("tag_ttl", 5.0, "seconds an upstream tag answer is reused", type=float),
     Option("upstream_credentials", "", "docker config.json style credentials file for upstreams"),
     Option("upstream_insecure", [], "registries reached over plain HTTP (comma list)", type=_csv),
     Option("resync_interval", 60.0, "seconds between full re-reads of the store", type=float),
@@ -104,6 +105,7 @@ class Settings:
     ready_alone: bool
     mirror_registries: list[str]
     tag_policy: str
+    tag_ttl: float
     upstream_credentials: str
     upstream_insecure: list[str]
     resync_interval: float

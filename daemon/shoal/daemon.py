@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -13,12 +14,17 @@ from shoal import logs, metrics
 from shoal.catalog import Catalog
 from shoal.config import Settings
 from shoal.containerd.client import ContainerdClient
+from shoal.fetcher import InFlightSource, UpstreamFetcher
 from shoal.local import LocalSource
 from shoal.nodestore import ContainerdStore
+from shoal.oci.digest import Digest
 from shoal.peers import PeerSource
 from shoal.registry.app import SourceChain, make_app
-from shoal.routing.base import Router
+from shoal.routing.base import Peer, Router
 from shoal.routing.factory import make_router
+from shoal.spool import Spool
+from shoal.tags import TagPolicy
+from shoal.upstream import UpstreamSource
 
 log = logging.getLogger("shoal")
 
@@ -73,6 +79,16 @@ class Daemon:
         self.router = make_router(settings, split_host_port(settings.listen)[1])
         self.peers = PeerSource(self.router)
         self.catalog = Catalog(self.client, self.router, settings.resync_interval)
+        # The registry and the spool verify every byte already; a third hash would only cost.
+        self.upstream = UpstreamSource.from_settings(
+            settings, tag_ttl=settings.tag_ttl, verify_blobs=False
+        )
+        self.store = ContainerdStore(self.client)
+        self.spool = Spool(
+            Path(settings.data_dir) / "spool",
+            settings.spool_max_bytes,
+            held_locally=self._held_locally,
+        )
         self.runners: list[web.AppRunner] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.containerd_ok = False
@@ -91,8 +107,20 @@ class Daemon:
             self.settings.containerd_namespace,
             root,
         )
-        local = LocalSource(ContainerdStore(self.client))
-        chain = SourceChain([local, self.peers], peer_sources=[local])
+        local = LocalSource(self.store)
+        inflight = InFlightSource(self.spool)
+
+        def fetcher(delegate: bool) -> UpstreamFetcher:
+            return UpstreamFetcher(
+                self.upstream, self.spool, self.router, self.peers, self._me, delegate=delegate
+            )
+
+        chain = SourceChain(
+            [local, inflight, self.peers, fetcher(True)],
+            peer_sources=[local, inflight],
+            fetch_sources=[local, inflight, fetcher(False)],
+            tags=TagPolicy(self.settings.tag_policy, self.upstream),
+        )
         # The registry first: bootstrap of other nodes asks it for this node's peer ID.
         app = make_app(chain, p2p_info=lambda: self.router.node_info().to_json())
         await self._serve(app, self.settings.listen, "registry")
@@ -101,6 +129,7 @@ class Daemon:
         )
         await self.router.start()
         self.tasks.append(asyncio.create_task(self.catalog.run(), name="catalog"))
+        self.tasks.append(asyncio.create_task(self._gauges(), name="gauges"))
 
     async def _serve(self, app: web.Application, address: str, what: str) -> None:
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
@@ -110,12 +139,26 @@ class Daemon:
         self.runners.append(runner)
         log.info("%s listening on %s", what, address)
 
+    async def _gauges(self) -> None:
+        while True:
+            metrics.PEERS.set(len(self.router.members()))
+            await asyncio.sleep(2.0)
+
+    async def _held_locally(self, digest: Digest) -> bool:
+        return await self.store.content_size(digest) is not None
+
+    def _me(self) -> Peer | None:
+        node_id = self.router.node_info().id
+        return Peer(node_id, self.settings.listen) if node_id else None
+
     async def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for runner in reversed(self.runners):
             await runner.cleanup()
+        await self.spool.close()
+        await self.upstream.close()
         await self.peers.close()
         await self.router.stop()
         await self.client.close()

@@ -100,12 +100,28 @@ class PeerSource:
         key = str(digest)
         if self._missed(key):
             return None
-        peers = await self._peers(key)
+        blob = await self.find_at(await self._peers(key), ref, digest, kind=kind)
+        if blob is None:
+            self._miss(key)
+        return blob
+
+    async def find_at(
+        self,
+        peers: list[Peer],
+        ref: Reference,
+        digest: Digest,
+        headers: dict[str, str] | None = None,
+        *,
+        kind: str = "blob",
+        patience: float | None = None,
+    ) -> PeerBlob | None:
+        """Content from the first of `peers` to answer a HEAD for it; `headers` go with every
+        request (e.g. asking a peer to fetch from upstream, which needs more `patience`)."""
         kind_path = "manifests" if kind == "manifest" else "blobs"
         path = f"/v2/{ref.repository}/{kind_path}/{digest}"
-        answer = await self._first(peers, "HEAD", path, ref.registry, {"Accept": _ACCEPT})
+        extra = {"Accept": _ACCEPT, **(headers or {})}
+        answer = await self._first(peers, "HEAD", path, ref.registry, extra, patience)
         if answer is None:
-            self._miss(key)
             return None
         first, resp = answer
         try:
@@ -114,7 +130,7 @@ class PeerSource:
             return None
         # The peer that answered first goes first; the others stay as fallbacks.
         order = [first, *(p for p in peers if p != first)]
-        return PeerBlob(self, order, path, ref.registry, size)
+        return PeerBlob(self, order, path, ref.registry, size, headers=dict(headers or {}))
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -146,6 +162,7 @@ class PeerSource:
         path: str,
         ns: str | None,
         headers: dict[str, str],
+        patience: float | None = None,
     ) -> tuple[Peer, aiohttp.ClientResponse] | None:
         """The first peer to answer 200/206, hedging slow ones; its response is released."""
 
@@ -163,7 +180,8 @@ class PeerSource:
                 )
             return resp
 
-        return await hedged(peers, ask, self.settings.hedge_after, self.settings.header_timeout)
+        s = self.settings
+        return await hedged(peers, ask, s.hedge_after, patience or s.header_timeout)
 
 
 async def hedged(
@@ -209,6 +227,7 @@ class PeerBlob:
     ns: str | None
     size: int
     source: str = "peer"
+    headers: dict[str, str] = field(default_factory=dict)
     tried: list[str] = field(default_factory=list)
 
     @property
@@ -222,7 +241,7 @@ class PeerBlob:
         for peer in self.peers:
             if pos >= end:
                 return
-            headers = {PEER_HEADER: "1"}
+            headers = {PEER_HEADER: "1", **self.headers}
             if pos > 0 or end < self.size:
                 headers["Range"] = f"bytes={pos}-{end - 1}"
             # Peers serve any content they hold under /blobs/, with Range; manifests included.

@@ -6,90 +6,44 @@ through their own local shoal, which finds node 1 over the libp2p DHT and stream
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from tests.harness import images
-from tests.harness.containerd import ContainerdNode
-from tests.harness.netns import Namespace, Network
+from tests.harness.cluster import PORT, Cluster, Node, wait_until
+from tests.harness.netns import Network
 from tests.harness.procs import stop_all
 from tests.harness.registry import Registry
-from tests.harness.shoal import ShoalDaemon
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
-PORT, METRICS, P2P = 30020, 30021, 30022
 RESYNC = 4.0  # seconds; the deletion test waits at most one period (plus event latency)
 
 
 @dataclass
-class Node:
-    ns: Namespace
-    containerd: ContainerdNode
-    shoal: ShoalDaemon
-
-    def get(self, path: str, port: int = PORT, method: str = "GET") -> tuple[int, dict, bytes]:
-        """An HTTP request from inside this node's namespace."""
-
-        def call() -> tuple[int, dict, bytes]:
-            req = urllib.request.Request(f"http://{self.ns.ip}:{port}{path}", method=method)
-            try:
-                with urllib.request.urlopen(req, timeout=10) as resp:
-                    return resp.status, dict(resp.headers), resp.read()
-            except urllib.error.HTTPError as err:
-                return err.code, dict(err.headers), err.read()
-
-        return self.ns.run(call)
-
-    def providers(self, key: str) -> list[str]:
-        status, _, body = self.get(f"/debug/providers?key={key}", METRICS)
-        assert status == 200, body
-        return [p["address"].split(":")[0] for p in json.loads(body)["providers"]]
-
-    def peer_id(self) -> str:
-        return json.loads(self.get("/_shoal/p2p")[2])["id"]
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.2)
-    return time.monotonic() - start
-
-
-@dataclass
-class Cluster:
-    net: Network
-    registry: Registry
-    nodes: list[Node]
+class World:
+    cluster: Cluster
     images: dict[str, images.TestImage]
     refs: dict[str, str]
 
-    def start_shoal(self, i: int) -> ShoalDaemon:
-        node = self.nodes[i]
-        others = [n.ns.ip for n in self.nodes if n is not node]
-        node.shoal = ShoalDaemon(
-            node.containerd, host=node.ns.ip, port=PORT, metrics_port=METRICS, p2p_port=P2P,
-            extra_args=["--bootstrap", "static", "--bootstrap-peers",
-                        ",".join(f"/ip4/{ip}/tcp/{P2P}" for ip in others),
-                        "--resync-interval", str(RESYNC)],
-        ).start()  # fmt: skip
-        return node.shoal
+    @property
+    def nodes(self) -> list[Node]:
+        return self.cluster.nodes
+
+    @property
+    def registry(self) -> Registry:
+        return self.cluster.registry
+
+    def restart(self, node: Node) -> None:
+        self.cluster.start_shoal(node)
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     base = tmp_path_factory.mktemp("peers")
     net = Network("peers").create()
     try:
@@ -100,33 +54,24 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "large": images.large_image(72, layers=2, seed=11, name="p2p-large"),
         }
         refs = {k: images.push(img, registry, f"p2p/{k}", "v1") for k, img in built.items()}
-        nodes = []
+        c = Cluster(net, base, registry, shoal_args=["--resync-interval", str(RESYNC)])
         for i in range(3):
-            ns = net.add(f"n{i + 1}")
-            cd = ContainerdNode(f"n{i + 1}", base / f"n{i + 1}", netns=ns.name).start()
-            subprocess.run(
-                [sys.executable, "-m", "shoal.cli", "configure", "--hosts-dir", str(cd.hosts_dir),
-                 "--mirror", f"http://{ns.ip}:{PORT}",
-                 "--registry", f"{registry.host}=http://{registry.host}"],
-                check=True,
-            )  # fmt: skip
-            nodes.append(Node(ns, cd, None))  # type: ignore[arg-type]
-        cluster = Cluster(net, registry, nodes, built, refs)
-        for i in range(3):
-            cluster.start_shoal(i)
-        yield cluster
+            c.add_node(f"n{i + 1}")
+        for node in c.nodes:
+            c.start_shoal(node)
+        yield World(c, built, refs)
     finally:
         stop_all()
         net.destroy()
 
 
-def test_nodes_pull_entirely_from_peers(cluster: Cluster) -> None:
+def test_nodes_pull_entirely_from_peers(cluster: World) -> None:
     n1, n2, n3 = cluster.nodes
     for key in ("small", "index", "large"):
         n1.containerd.pull(cluster.refs[key], via_hosts=False, plain_http=True)
     tag = cluster.refs["small"].replace(f"{cluster.registry.host}/", "").split(":")[0]
     wait_until(
-        lambda: n2.get(f"/v2/{tag}/manifests/v1?ns={cluster.registry.host}", method="HEAD")[0]
+        lambda: n2.request(f"/v2/{tag}/manifests/v1?ns={cluster.registry.host}", method="HEAD")[0]
         == 200,
         30, "node 2's shoal finds node 1's tag through the DHT",
     )  # fmt: skip
@@ -142,9 +87,9 @@ def test_nodes_pull_entirely_from_peers(cluster: Cluster) -> None:
             for key in ("small", "index"):
                 for digest in cluster.images[key].for_platform().blobs:
                     assert node.containerd.read_blob(digest) == n1.containerd.read_blob(digest)
-        assert n2.shoal.metric("shoal_requests_total", source="peer") >= 5
-        assert n3.shoal.metric("shoal_requests_total", source="peer") >= 5
-        assert n1.shoal.metric("shoal_requests_total", source="local") >= 10
+        assert n2.metric("shoal_requests_total", source="peer") >= 5
+        assert n3.metric("shoal_requests_total", source="peer") >= 5
+        assert n1.metric("shoal_requests_total", source="local") >= 10
     finally:
         cluster.registry.start()
 
@@ -154,7 +99,7 @@ def _serving(node: Node, client_ip: str) -> bool:
     return client_ip in out
 
 
-def test_serving_peer_killed_mid_blob(cluster: Cluster) -> None:
+def test_serving_peer_killed_mid_blob(cluster: World) -> None:
     n1, n2, n3 = cluster.nodes
     ref = cluster.refs["large"]
     n2.containerd.pull(ref)  # now node 1 and node 2 both hold the 72 MiB image
@@ -179,12 +124,12 @@ def test_serving_peer_killed_mid_blob(cluster: Cluster) -> None:
     finally:
         n3.ns.unlimit()
         cluster.registry.start()
-        for i, node in enumerate(cluster.nodes):
-            if node.shoal.proc is None:
-                cluster.start_shoal(i)
+        for node in cluster.nodes:
+            if node.shoal is None or node.shoal.proc is None:
+                cluster.restart(node)
 
 
-def test_deleted_image_is_withdrawn_and_restart_keeps_identity(cluster: Cluster) -> None:
+def test_deleted_image_is_withdrawn_and_restart_keeps_identity(cluster: World) -> None:
     n1, n2, n3 = cluster.nodes
     image = cluster.images["small"]
     n1.containerd.pull(cluster.refs["small"], via_hosts=False, plain_http=True)
@@ -197,7 +142,7 @@ def test_deleted_image_is_withdrawn_and_restart_keeps_identity(cluster: Cluster)
     # A restarted shoal keeps its peer ID and advertises again what its node holds.
     before = n2.peer_id()
     n2.shoal.stop()
-    cluster.start_shoal(1)
+    cluster.restart(n2)
     wait_until(lambda: n2.peer_id() != "", 20, "node 2's routing is up again")
     assert n2.peer_id() == before
     assert n2.containerd.has_blob(layer)

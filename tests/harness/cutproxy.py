@@ -1,8 +1,9 @@
-"""An HTTP proxy that cuts the body of chosen responses midway, to test resumed downloads.
+"""An HTTP proxy that misbehaves on purpose, to test resumed downloads and rate limits.
 
-It forwards every request to `target` and records (method, path, Range, status). The first
-`cuts` responses whose path matches `cut_path` are cut off after `cut_after` body bytes by
-closing the connection, as a flaky network would.
+It forwards every request to `target` and records (method, path, Range, status, time). The
+first `cuts` responses whose path matches `cut_path` are cut off after `cut_after` body bytes
+by closing the connection, as a flaky network would. The first `throttles` requests whose path
+matches `throttle_path` get `429 Too Many Requests` with `Retry-After: retry_after`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -24,6 +26,7 @@ class Seen:
     status: int
     content_range: str | None
     cut: bool = False
+    at: float = 0.0
 
 
 @dataclass
@@ -32,6 +35,9 @@ class CutProxy:
     cut_path: str = r"/blobs/"
     cut_after: int = 256 * 1024
     cuts: int = 1
+    throttle_path: str = r"/blobs/"
+    throttles: int = 0
+    retry_after: int = 1
     host: str = "127.0.0.1"
     port: int = 0
     seen: list[Seen] = field(default_factory=list)
@@ -48,6 +54,16 @@ class CutProxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None
+        if self.throttles > 0 and re.search(self.throttle_path, request.path):
+            self.throttles -= 1
+            self.seen.append(
+                Seen(request.method, request.path, request.headers.get("Range"), 429, None,
+                     at=time.monotonic())
+            )  # fmt: skip
+            return web.json_response(
+                {"errors": [{"code": "TOOMANYREQUESTS", "message": "slow down"}]},
+                status=429, headers={"Retry-After": str(self.retry_after)},
+            )  # fmt: skip
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host",)}
         async with self._session.request(
             request.method, self.target + request.path_qs, headers=headers,
@@ -55,7 +71,7 @@ class CutProxy:
         ) as up:  # fmt: skip
             seen = Seen(
                 request.method, request.path, request.headers.get("Range"), up.status,
-                up.headers.get("Content-Range"),
+                up.headers.get("Content-Range"), at=time.monotonic(),
             )  # fmt: skip
             self.seen.append(seen)
             resp = web.StreamResponse(status=up.status)

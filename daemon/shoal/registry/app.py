@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -37,6 +37,8 @@ log = logging.getLogger("shoal.registry")
 
 # Set on requests between peers: a peer answers them from what it holds itself, never forwards.
 PEER_HEADER = "X-Shoal-Peer"
+# With PEER_HEADER: the sender chose this node to fetch the blob from upstream for the cluster.
+FETCH_HEADER = "X-Shoal-Fetch"
 _ROUTE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
 _API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 
@@ -49,15 +51,31 @@ class Manifest:
     source: str
 
 
-class SourceChain:
-    """The Sources a request may use, in order. Peers' requests get `peer_sources` only."""
+class TagResolver(Protocol):
+    async def resolve(self, ref: Reference, sources: Sequence[Source]) -> Descriptor | None: ...
 
-    def __init__(self, sources: Sequence[Source], peer_sources: Sequence[Source] | None = None):
+
+class SourceChain:
+    """The Sources a request may use, in order: containerd's requests get `sources`, peers'
+    requests `peer_sources` (what this node holds), and a peer's request that this node fetch
+    for the cluster `fetch_sources`. `tags` decides what a tag means (default: first source)."""
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        peer_sources: Sequence[Source] | None = None,
+        fetch_sources: Sequence[Source] | None = None,
+        tags: TagResolver | None = None,
+    ) -> None:
         self.sources = list(sources)
         self.peer_sources = list(peer_sources if peer_sources is not None else sources[:1])
+        self.fetch_sources = list(fetch_sources if fetch_sources is not None else self.peer_sources)
+        self.tags = tags
 
     def for_request(self, request: web.Request) -> list[Source]:
-        return self.peer_sources if PEER_HEADER in request.headers else self.sources
+        if PEER_HEADER not in request.headers:
+            return self.sources
+        return self.fetch_sources if FETCH_HEADER in request.headers else self.peer_sources
 
 
 class Registry:
@@ -68,10 +86,15 @@ class Registry:
     # -- lookups ---------------------------------------------------------------------------------
 
     async def resolve(self, sources: list[Source], ref: Reference) -> Descriptor:
-        for source in sources:
-            desc = await source.resolve(ref)
+        if self.chain.tags is not None:
+            desc = await self.chain.tags.resolve(ref, sources)
             if desc is not None:
                 return desc
+        else:
+            for source in sources:
+                desc = await source.resolve(ref)
+                if desc is not None:
+                    return desc
         raise ManifestUnknown("manifest unknown", {"tag": ref.tag, "ns": ref.registry})
 
     async def find(self, sources: list[Source], ref: Reference, digest: Digest) -> Blob | None:

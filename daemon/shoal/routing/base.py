@@ -53,6 +53,11 @@ class Router(Protocol):
         """True once connected to at least one peer (or configured to run alone)."""
         ...
 
+    def members(self) -> list[Peer]:
+        """The other nodes this one knows (its routing table), for choosing a designated
+        fetcher; nodes with the same view choose alike."""
+        ...
+
     def node_info(self) -> NodeInfo:
         """Served at P2P_INFO_PATH so other nodes can bootstrap from this node's IP alone."""
         ...

@@ -43,6 +43,9 @@ class MemoryRouter:
         for peer in holders[:limit]:
             yield peer
 
+    def members(self) -> list[Peer]:
+        return [p for pid, p in self._net.members.items() if pid != self.peer.id]
+
     def ready(self) -> bool:
         return self._started and (self._ready_alone or len(self._net.members) > 1)
 

@@ -63,6 +63,8 @@ class NodeStats:
     connected: int = 0
     keys: int = 0
     stored_records: int = 0
+    # (peer ID, IP) of routing-table peers: the cluster members this node knows.
+    members: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -296,11 +298,21 @@ class P2PNode:
 
     def _sample(self) -> None:
         assert self.dht is not None
+        store = self.host.get_peerstore()
+        members = []
+        for peer in self.dht.routing_table.get_peer_ids():
+            try:
+                ip = next((i for i in map(_ip_of, store.addrs(peer)) if i), None)
+            except Exception:  # the peerstore raises when it has no addresses
+                ip = None
+            if ip is not None and not is_unspecified(ip):
+                members.append((str(peer), ip))
         self.stats = NodeStats(
             routing_table=self.dht.routing_table.size(),
             connected=len(self.host.get_connected_peers()),
             keys=len(self._keys),
             stored_records=self.dht.provider_store.size(),
+            members=tuple(sorted(members)),
         )
 
     async def _maintain(self) -> None:

@@ -193,6 +193,12 @@ class Libp2pRouter:
     def node_info(self) -> NodeInfo:
         return self._info
 
+    def members(self) -> list[Peer]:
+        if self._node is None:
+            return []
+        port = self._registry_port
+        return [Peer(pid, http_hostport(ip, port)) for pid, ip in self._node.stats.members]
+
     # ----------------------------------------------------------------- extras
 
     @property

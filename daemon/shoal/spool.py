@@ -1,0 +1,213 @@
+"""Blobs being fetched from upstream, on local disk, readable while they arrive.
+
+One Fetch per digest (single flight on this node): the first request starts it, later ones and
+peers join it and read the same growing file. A Fetch runs on its own, independent of the
+request that started it, so a client that gives up does not waste what others wait for.
+
+Bytes are verified twice: the Fetch hashes everything it writes and fails on a mismatch (the
+file is removed), and every response is verified again by the registry. The spool directory is
+emptied at start: nothing partial or unverified survives a restart. Finished files stay until
+the node's containerd holds the blob (or `keep_for` passes), so peers can still fetch them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.oci.digest import Digest
+from shoal.sources import Blob
+
+log = logging.getLogger("shoal.spool")
+
+READ_CHUNK = 1024 * 1024
+
+
+class FetchFailed(ConnectionError):
+    pass
+
+
+class Fetch:
+    def __init__(self, digest: Digest, size: int, path: Path) -> None:
+        self.digest = digest
+        self.size = size
+        self.path = path
+        self.written = 0
+        self.done = False
+        self.error: BaseException | None = None
+        self.finished_at: float | None = None
+        self._progress = asyncio.Condition()
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self, source: Blob) -> None:
+        """Copies `source` into the file, hashing as it goes; wakes readers after each chunk."""
+        hasher = self.digest.hasher()
+        fd = await asyncio.to_thread(
+            os.open, self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+        )
+        try:
+            async for chunk in source.open(0, self.size):
+                await asyncio.to_thread(_write_all, fd, chunk, self.written)
+                hasher.update(chunk)
+                async with self._progress:
+                    self.written += len(chunk)
+                    self._progress.notify_all()
+            if self.written != self.size or not self.digest.matches(hasher):
+                raise FetchFailed(f"{self.digest}: upstream bytes did not match the digest")
+        except BaseException as exc:
+            self.error = exc if isinstance(exc, Exception) else FetchFailed("cancelled")
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            log.warning("fetch of %s failed at byte %d: %r", self.digest, self.written, exc)
+            raise
+        finally:
+            os.close(fd)
+            async with self._progress:
+                self.done = True
+                self.finished_at = time.monotonic()
+                self._progress.notify_all()
+
+    @property
+    def complete(self) -> bool:
+        return self.done and self.error is None
+
+    async def read(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end) as they arrive; raises if the fetch fails before covering them."""
+        pos = start
+        fd = -1
+        try:
+            while pos < end:
+                async with self._progress:
+                    while self.written <= pos and not self.done:
+                        await self._progress.wait()
+                    available, error = self.written, self.error
+                if error is not None:
+                    raise FetchFailed(f"upstream fetch of {self.digest} failed: {error!r}")
+                if available <= pos:
+                    raise FetchFailed(f"{self.digest} ended at {available} of {self.size}")
+                if fd < 0:
+                    fd = await asyncio.to_thread(os.open, self.path, os.O_RDONLY | os.O_CLOEXEC)
+                want = min(end, available) - pos
+                while want > 0:
+                    data = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, want), pos)
+                    if not data:
+                        raise FetchFailed(f"{self.path} shorter than written")
+                    pos += len(data)
+                    want -= len(data)
+                    yield data
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+@dataclass
+class SpoolBlob:
+    """A Blob read from a Fetch; `source` says where its bytes came from originally."""
+
+    fetch: Fetch
+    source: str = "upstream"
+
+    @property
+    def size(self) -> int:
+        return self.fetch.size
+
+    @property
+    def path(self) -> None:
+        return None  # the file may still grow: never sendfile() it
+
+    def open(self, start: int, end: int) -> AsyncIterator[bytes]:
+        return self.fetch.read(start, end)
+
+
+class Spool:
+    def __init__(
+        self,
+        directory: str | Path,
+        max_bytes: int,
+        *,
+        keep_for: float = 600.0,
+        held_locally: Callable[[Digest], Awaitable[bool]] | None = None,
+    ) -> None:
+        self.dir = Path(directory)
+        self.max_bytes = max_bytes
+        self.keep_for = keep_for
+        self.held_locally = held_locally
+        self.fetches: dict[Digest, Fetch] = {}
+        # Left over from an earlier run: unverified by definition.
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def used(self) -> int:
+        return sum(f.size for f in self.fetches.values())
+
+    def get(self, digest: Digest) -> Fetch | None:
+        fetch = self.fetches.get(digest)
+        if fetch is None or fetch.error is not None:
+            return None
+        return fetch
+
+    def start(self, digest: Digest, source: Blob) -> Fetch | None:
+        """Joins the running Fetch of `digest`, or starts one; None when the spool is full."""
+        existing = self.get(digest)
+        if existing is not None:
+            return existing
+        self._evict()
+        if self.used + source.size > self.max_bytes:
+            return None
+        fetch = Fetch(digest, source.size, self.dir / f"{digest.algorithm}-{digest.hex}")
+        self.fetches[digest] = fetch
+        fetch.task = asyncio.create_task(self._run(fetch, source), name=f"fetch {digest}")
+        return fetch
+
+    async def _run(self, fetch: Fetch, source: Blob) -> None:
+        try:
+            await fetch.run(source)
+        except Exception:
+            self.fetches.pop(fetch.digest, None)
+            return
+        await self._retire(fetch)
+
+    async def _retire(self, fetch: Fetch) -> None:
+        """Keeps a finished file until containerd has the blob, then frees the space."""
+        deadline = time.monotonic() + self.keep_for
+        while time.monotonic() < deadline:
+            if self.held_locally is not None and await self.held_locally(fetch.digest):
+                break
+            await asyncio.sleep(2.0)
+        self._drop(fetch)
+
+    def _drop(self, fetch: Fetch) -> None:
+        if self.fetches.get(fetch.digest) is fetch:
+            del self.fetches[fetch.digest]
+        with contextlib.suppress(OSError):
+            fetch.path.unlink()
+
+    def _evict(self) -> None:
+        """Under pressure, finished files go first, oldest first (they can be fetched again)."""
+        finished = sorted(
+            (f for f in self.fetches.values() if f.complete), key=lambda f: f.finished_at or 0
+        )
+        while finished and self.used > self.max_bytes * 0.8:
+            self._drop(finished.pop(0))
+
+    async def close(self) -> None:
+        tasks = [f.task for f in self.fetches.values() if f.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,62 @@
+"""What a tag means: the tag policy, decided in this one place.
+
+- `upstream-first` (default): ask the upstream registry (answers cached for a few seconds); if it
+  cannot be reached, the node's own images, then peers' tag records, then the last upstream
+  answer. An upstream "no such tag" is final.
+- `peers`: the node's images, then peers, then upstream (Spegel's behaviour: fast, maybe stale).
+- `digest-only`: never resolve tags; containerd asks the registry and pulls by digest via shoal.
+
+Registries outside the allow-list have no upstream to ask: their tags resolve from the node and
+its peers (an air-gapped registry's images spread by tag that way).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from shoal.oci.names import Reference
+from shoal.sources import Descriptor, Source
+from shoal.upstream import UpstreamError, UpstreamSource
+
+log = logging.getLogger("shoal.tags")
+
+
+class TagPolicy:
+    def __init__(self, policy: str, upstream: UpstreamSource | None) -> None:
+        if policy not in ("upstream-first", "peers", "digest-only"):
+            raise ValueError(f"unknown tag policy {policy!r}")
+        self.policy = policy
+        self.upstream = upstream
+
+    async def resolve(self, ref: Reference, sources: Sequence[Source]) -> Descriptor | None:
+        """`sources` are what the request may use; the upstream counts only if among them."""
+        if self.policy == "digest-only":
+            return None
+        others = [s for s in sources if s.name != "upstream"]
+        upstream = self.upstream
+        if (
+            upstream is None
+            or len(others) == len(sources)
+            or upstream.endpoint(ref.registry) is None
+        ):
+            return await _first(others, ref)
+        if self.policy == "peers":
+            return await _first(others, ref) or await upstream.resolve(ref)
+        try:
+            return await upstream.lookup(ref)
+        except UpstreamError as exc:
+            log.warning("upstream cannot resolve %s (%s); asking the cluster", ref.image_name, exc)
+        found = await _first(others, ref)
+        if found is not None:
+            return found
+        known = upstream.last_known(ref)
+        return None if known is None else known[0]
+
+
+async def _first(sources: Sequence[Source], ref: Reference) -> Descriptor | None:
+    for source in sources:
+        desc = await source.resolve(ref)
+        if desc is not None:
+            return desc
+    return None
