@@ -230,7 +230,7 @@ async def bench(args: argparse.Namespace) -> None:
         # 2. fully advertised?
         all_keys = list(owner_of)
         sample = all_keys if args.verify >= len(all_keys) else random.sample(all_keys, args.verify)
-        found, lat, _ = await lookups(nodes, owner_of, sample, use_local=False, parallel=4)
+        found, lat, _ = await lookups(nodes, owner_of, sample, use_local=False, parallel=2)
         row(
             f"verify: {len(sample)} keys over the network, owner found",
             f"{found}/{len(sample)}",
@@ -274,7 +274,7 @@ async def bench(args: argparse.Namespace) -> None:
         single_keys = [bench_key("single", i) for i in range(args.single)]
         for key in single_keys:
             owner_of[key] = single.index
-        found, _, _ = await lookups(nodes[:-1], owner_of, single_keys, use_local=True, parallel=4)
+        found, _, _ = await lookups(nodes[:-1], owner_of, single_keys, use_local=True, parallel=2)
         row(
             f"  verify: all {args.single} looked up from other nodes",
             f"{found}/{args.single}",

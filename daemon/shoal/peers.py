@@ -227,6 +227,7 @@ class PeerBlob:
     ns: str | None
     size: int
     source: str = "peer"
+    verified = False  # a peer is never trusted
     headers: dict[str, str] = field(default_factory=dict)
     tried: list[str] = field(default_factory=list)
 

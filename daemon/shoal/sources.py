@@ -22,10 +22,15 @@ class Descriptor:
 
 
 class Blob(Protocol):
-    """Content a Source can stream. `path` is set when it is a whole, immutable local file."""
+    """Content a Source can stream. `path` is set when it is a whole, immutable local file.
+
+    `verified` is True only for shoal's own upstream spool, which hashes what it writes and
+    holds back the end of every read until the digest matched; everything else is re-hashed.
+    """
 
     size: int
     source: str
+    verified: bool
 
     def open(self, start: int, end: int) -> AsyncIterator[bytes]:
         """Yield bytes [start, end) in order; may raise OSError/ConnectionError midway."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -54,8 +55,8 @@ class Fetch:
         )
         try:
             async for chunk in source.open(0, self.size):
-                await asyncio.to_thread(_write_all, fd, chunk, self.written)
-                hasher.update(chunk)
+                # One worker-thread hop writes and hashes: the event loop stays free.
+                await asyncio.to_thread(_write_all, fd, chunk, self.written, hasher)
                 async with self._progress:
                     self.written += len(chunk)
                     self._progress.notify_all()
@@ -79,7 +80,22 @@ class Fetch:
         return self.done and self.error is None
 
     async def read(self, start: int, end: int) -> AsyncIterator[bytes]:
-        """Bytes [start, end) as they arrive; raises if the fetch fails before covering them."""
+        """Bytes [start, end) as they arrive. The last chunk is held back until the whole blob
+        has matched its digest, so no read of a bad fetch ever completes."""
+        held: bytes | None = None
+        async for chunk in self._follow(start, end):
+            if held is not None:
+                yield held
+            held = chunk
+        async with self._progress:
+            while not self.done:
+                await self._progress.wait()
+        if self.error is not None:
+            raise FetchFailed(f"upstream fetch of {self.digest} failed: {self.error!r}")
+        if held is not None:
+            yield held
+
+    async def _follow(self, start: int, end: int) -> AsyncIterator[bytes]:
         pos = start
         fd = -1
         try:
@@ -107,7 +123,8 @@ class Fetch:
                 os.close(fd)
 
 
-def _write_all(fd: int, data: bytes, offset: int) -> None:
+def _write_all(fd: int, data: bytes, offset: int, hasher: hashlib._Hash) -> None:
+    hasher.update(data)
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
@@ -116,10 +133,15 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
 
 @dataclass
 class SpoolBlob:
-    """A Blob read from a Fetch; `source` says where its bytes came from originally."""
+    """A Blob read from a Fetch; `source` says where its bytes came from originally.
+
+    `verified`: the Fetch hashed these very bytes as it wrote them and holds back every read's
+    last chunk until they matched, so the registry need not hash them again per response.
+    """
 
     fetch: Fetch
     source: str = "upstream"
+    verified: bool = True
 
     @property
     def size(self) -> int:

@@ -142,6 +142,10 @@ class P2PNode:
         self._bg: trio.Nursery | None = None
         self._send_limiter = trio.CapacityLimiter(self.options.announce_parallel)
         self._announce_limiter = trio.CapacityLimiter(self.options.inbound_streams)
+        self._query_limiter = trio.CapacityLimiter(self.options.lookup_max_inflight)
+        self._next_refresh = 0.0
+        self._refresh_interval = self.options.tick_interval
+        self._last_rt_size = -1
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -215,34 +219,42 @@ class P2PNode:
 
     # ----------------------------------------------------------------- peers
 
-    def _is_failed(self, peer: ID, now: float | None = None) -> bool:
+    def _is_failed(self, peer: ID, now: float | None = None, strikes: int = 1) -> bool:
+        """Whether `peer` failed `strikes` times in a row and is still backing off."""
         failure = self._failures.get(peer)
-        return failure is not None and failure.until > (now or trio.current_time())
+        return (
+            failure is not None
+            and failure.count >= strikes
+            and failure.until > (now or trio.current_time())
+        )
 
-    def _mark_failed(self, peer: ID) -> None:
+    def _mark_failed(self, peer: ID, timed_out: bool) -> None:
         opts = self.options
         now = trio.current_time()
         prev = self._failures.get(peer)
-        backoff = (
-            opts.failure_backoff
-            if prev is None
-            else min(prev.backoff * 2, opts.failure_backoff_max)
-        )
-        count = 1 if prev is None else prev.count + 1
+        if prev is None:
+            backoff, count = opts.failure_backoff, 1
+        else:
+            backoff, count = min(prev.backoff * 2, opts.failure_backoff_max), prev.count + 1
         self._failures[peer] = _Failure(now + backoff, backoff, count)
-        self._covered.discard(peer)
-        if count >= 3 and self.dht is not None:
-            # Three strikes: drop it from the routing table; it comes back when it talks to us.
+        if count >= 3 and not timed_out and self.dht is not None:
+            # Refused three times in a row: gone. It is re-added when it talks to us again.
+            # Timeouts do not count here: on a starved machine live peers time out too.
             self.dht.routing_table.remove_peer(peer)
 
     def _mark_ok(self, peer: ID) -> None:
         self._failures.pop(peer, None)
 
     def _dht_peers(self) -> list[ID]:
-        """Known DHT servers that are not backing off."""
+        """Announce targets: known DHT servers, less those that failed twice in a row lately
+        (they get their share from the tick once they answer again)."""
         assert self.dht is not None
         now = trio.current_time()
-        return [p for p in self.dht.routing_table.get_peer_ids() if not self._is_failed(p, now)]
+        return [
+            p
+            for p in self.dht.routing_table.get_peer_ids()
+            if not self._is_failed(p, now, strikes=2)
+        ]
 
     async def connect(
         self,
@@ -327,6 +339,7 @@ class P2PNode:
                 connected = set(self.host.get_connected_peers())
                 self._covered -= connected - self._last_connected
                 self._last_connected = connected
+                await self._maybe_refresh(now)
                 if now >= self._next_full:
                     self._next_full = now + self._jittered(opts.reannounce_interval)
                     await self.announce_all()
@@ -339,6 +352,25 @@ class P2PNode:
                     del self._failures[peer]
             except Exception:
                 log.exception("routing maintenance failed")
+
+    async def _maybe_refresh(self, now: float) -> None:
+        """Look ourselves up again soon after the routing table changes, then less and less often.
+
+        Peers that joined at the same time can miss each other in their first self-lookup; the
+        stock refresh only comes every 10 minutes.
+        """
+        assert self.dht is not None and self.peer_id is not None
+        size = self.dht.routing_table.size()
+        if size != self._last_rt_size:
+            self._last_rt_size = size
+            self._refresh_interval = self.options.tick_interval
+            self._next_refresh = min(self._next_refresh, now + self._refresh_interval)
+        if size == 0 or now < self._next_refresh:
+            return
+        with trio.move_on_after(10):
+            await self.dht.peer_routing.find_closest_peers_network(self.peer_id.to_bytes())
+        self._refresh_interval = min(self._refresh_interval * 2, self.options.reannounce_interval)
+        self._next_refresh = trio.current_time() + self._refresh_interval
 
     # ----------------------------------------------------------------- announce
 
@@ -447,8 +479,10 @@ class P2PNode:
 
     async def _exchange(
         self, peer: ID, protocol: str, timeout: float, body: Callable[[Any], Awaitable[T]]
-    ) -> tuple[bool, T | None]:
+    ) -> tuple[bool, T | None, bool]:
         """Open a stream to `peer`, run `body(stream)`, close it, under one shielded deadline.
+
+        Returns (ok, body's result, timed out).
 
         Nothing outside (a lookup that has its answer, a caller that gave up) interrupts an
         exchange: its stream is closed or reset properly and the peer sees no half-request.
@@ -474,7 +508,7 @@ class P2PNode:
         if scope.cancelled_caught:
             self.counters.exchange_timeouts += 1
             log.debug("%s exchange with %s timed out after %.1fs", protocol, peer, timeout)
-        return ok, result
+        return ok, result, scope.cancelled_caught
 
     async def _send(
         self,
@@ -495,14 +529,15 @@ class P2PNode:
                 await stream.write(wire.encode_announce(op, addrs, chunk))
                 wire.decode_ack(await read_varint_prefixed_bytes_limited(stream, 64))
 
-        ok, _ = await self._exchange(peer, wire.ANNOUNCE_PROTOCOL, timeout, body)
+        ok, _, timed_out = await self._exchange(peer, wire.ANNOUNCE_PROTOCOL, timeout, body)
         if ok:
             self.counters.announce_streams += 1
             self.counters.records_sent += len(keys)
             self._mark_ok(peer)
         else:
             self.counters.announce_failures += 1
-            self._mark_failed(peer)
+            self._mark_failed(peer, timed_out)
+            self._covered.discard(peer)  # the tick re-sends its whole share when it is back
         return ok
 
     async def _handle_announce(self, stream: Any) -> None:
@@ -669,15 +704,17 @@ class P2PNode:
                     launch(min(inflight + 1, opts.lookup_parallel))
                     continue
                 inflight -= 1
-                if result is not None:
-                    providers, closer = result
-                    if any(offer(info) for info in providers):
-                        return found
-                    fresh = [p for p in closer if p != self.peer_id and p not in known]
-                    if fresh:
-                        known.update(fresh)
-                        ranked = rank()
-                launch(opts.lookup_parallel)
+                if result is None:
+                    launch(min(inflight + 1, opts.lookup_parallel))  # replace the failed one
+                    continue
+                providers, closer = result
+                if any(offer(info) for info in providers):
+                    return found
+                fresh = [p for p in closer if p != self.peer_id and p not in known]
+                if fresh:
+                    known.update(fresh)
+                    ranked = rank()
+                launch(opts.lookup_parallel)  # no record there: widen, as Kademlia does
         finally:
             send.close()
             recv.close()
@@ -706,12 +743,15 @@ class P2PNode:
                 raise ValueError(f"unexpected response type {response.type}")
             return response
 
-        ok, response = await self._exchange(
-            peer, self.options.protocol_id, self.options.lookup_peer_timeout, body
-        )
+        # A global cap on queries in flight: on an overloaded machine extra queries would
+        # only push every exchange past its deadline and trigger yet more queries.
+        async with self._query_limiter:
+            ok, response, timed_out = await self._exchange(
+                peer, self.options.protocol_id, self.options.lookup_peer_timeout, body
+            )
         if not ok:
             self.counters.lookup_query_failures += 1
-            self._mark_failed(peer)
+            self._mark_failed(peer, timed_out)
             return None
         self._mark_ok(peer)
         return self._parse_providers(response)

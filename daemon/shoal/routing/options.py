@@ -29,6 +29,8 @@ class RoutingOptions:
     lookup_peer_timeout: float = 1.0
     lookup_parallel: int = 3
     lookup_hedge_delay: float = 0.05
+    # Queries in flight per node across all lookups (more wait for a slot).
+    lookup_max_inflight: int = 32
     # Bulk announce: deadline to open a stream / per frame, targets sent to at once.
     announce_open_timeout: float = 5.0
     announce_frame_timeout: float = 15.0

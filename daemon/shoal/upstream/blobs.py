@@ -38,6 +38,7 @@ class MemoryBlob:
     """A small, already verified piece of content (a manifest)."""
 
     path: str | None = None
+    verified = False  # the registry re-hashes it anyway: manifests are small
 
     def __init__(self, data: bytes, source: str = "upstream") -> None:
         self.data = data
@@ -55,6 +56,7 @@ class _Short(Exception):
 
 class UpstreamBlob:
     path: str | None = None
+    verified = False  # `verify` covers whole reads only; ranges are not
 
     def __init__(
         self,

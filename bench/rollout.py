@@ -1,0 +1,137 @@
+"""A rollout: 8 nodes fetch one image at the same moment from a registry behind a 200 Mbit/s link.
+
+    sudo .venv/bin/python bench/rollout.py [--mib 128] [--nodes 8] [--rate 200mbit]
+
+Three runs in one go, each on fresh containerd stores, printed side by side:
+- direct:       every node fetches straight from the registry (no shoal);
+- shoal, 1:     one node alone through its shoal (the reference time);
+- shoal, N:     all nodes at once, each through its own shoal.
+Each node is a network namespace with its own containerd and shoal; the registry has a
+namespace of its own whose link is shaped with tbf. Nodes use `ctr content fetch` (a pull
+without unpacking): the simulated machines share this host's 2 cores, and unpacking is each
+real machine's own local work. Goals (issue 4): shoal N <= 1.5x shoal 1; registry bytes <= 1.1x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.harness import images
+from tests.harness.cluster import Cluster, Node
+from tests.harness.netns import Network
+from tests.harness.procs import stop_all
+from tests.harness.registry import Registry
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its reaped children, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def fetch_all(nodes: list[Node], ref: str, via_shoal: bool) -> float:
+    """Seconds until every node holds the image; raises if any fetch failed."""
+    errors: list[str] = []
+
+    def one(node: Node) -> None:
+        args = ["content", "fetch"]
+        args += ["--hosts-dir", str(node.containerd.hosts_dir)] if via_shoal else ["--plain-http"]
+        proc = node.containerd.ctr(*args, ref, check=False, timeout=900)
+        if proc.returncode != 0:
+            errors.append(f"{node.ns.short_name}: {proc.stderr.strip()[-300:]}")
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in nodes]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.monotonic() - start
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return took
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=128)
+    parser.add_argument("--nodes", type=int, default=8)
+    parser.add_argument("--rate", default="200mbit")
+    args = parser.parse_args()
+
+    base = Path(tempfile.mkdtemp(prefix="shoal-rollout-"))
+    net = Network("rollout").create()
+    rows = []
+    try:
+        reg_ns = net.add("reg")
+        registry = Registry(base / "registry", host_ip=reg_ns.ip, netns=reg_ns.name).start()
+        image = images.large_image(args.mib, layers=4, seed=5, name="rollout")
+        ref = images.push(image, registry, "rollout/app", "v1")
+        reg_ns.limit(args.rate)
+        listed = ["--mirror-registries", registry.host, "--upstream-insecure", registry.host]
+        for label, count, via_shoal in (
+            (f"direct, {args.nodes} nodes", args.nodes, False),
+            ("shoal, 1 node", 1, True),
+            (f"shoal, {args.nodes} nodes", args.nodes, True),
+        ):
+            cluster = Cluster(net, base / label.replace(" ", "").replace(",", "-"), registry,
+                              shoal_args=listed)  # fmt: skip
+            for i in range(count):
+                cluster.add_node(f"{label[0]}{count}-{i}")
+            if via_shoal:
+                for node in cluster.nodes:
+                    cluster.start_shoal(node)
+                cluster.wait_connected()
+
+            def cpu(nodes: list[Node] = cluster.nodes) -> tuple[float, float]:
+                shoal = sum(
+                    cpu_seconds(n.shoal.proc.pid) for n in nodes if n.shoal and n.shoal.proc
+                )
+                ctrd = sum(cpu_seconds(n.containerd.proc.pid) for n in nodes if n.containerd.proc)
+                return shoal, ctrd
+
+            clients = resource.getrusage(resource.RUSAGE_CHILDREN)
+            mark, before = registry.mark(), cpu()
+            took = fetch_all(cluster.nodes, ref, via_shoal)
+            sent = registry.bytes_sent(since=mark, blobs_only=True)
+            after = cpu()
+            ctr = resource.getrusage(resource.RUSAGE_CHILDREN)
+            ctr_cpu = ctr.ru_utime + ctr.ru_stime - clients.ru_utime - clients.ru_stime
+            used = (after[0] - before[0], after[1] - before[1], ctr_cpu)
+            rows.append((label, took, sent / image.total_size, used))
+            print(
+                f"  {label}: {took:.1f} s, registry sent {sent / image.total_size:.2f}x, "
+                f"CPU s: shoal {used[0]:.1f}, containerd {used[1]:.1f}",
+                flush=True,
+            )
+            for node in cluster.nodes:
+                node.ns.destroy()  # stops the node's containerd and shoal too
+    finally:
+        stop_all()
+        net.destroy()
+
+    ref_time = rows[1][1]
+    print(f"\n{args.mib} MiB image in 4 layers, registry link {args.rate}, {args.nodes} nodes")
+    print(f"{'run':22} {'time (s)':>9} {'vs shoal 1':>11} {'registry bytes / image':>24}"
+          f" {'CPU s: shoal':>13} {'containerd':>11} {'ctr':>6}")  # fmt: skip
+    for label, took, ratio, used in rows:
+        print(f"{label:22} {took:9.1f} {took / ref_time:10.2f}x {ratio:23.2f}x"
+              f" {used[0]:13.1f} {used[1]:11.1f} {used[2]:6.1f}")  # fmt: skip
+    print(
+        f"(this host has {os.cpu_count()} cores for every simulated node: "
+        f"{os.cpu_count() * rows[-1][1]:.0f} CPU-seconds in the last run's wall time)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The upstream spool: single flight, readers following a growing file, verification, bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from shoal.fetcher import designated
+from shoal.oci.digest import Digest
+from shoal.routing import Peer
+from shoal.spool import FetchFailed, Spool
+
+DATA = os.urandom(3 * 1024 * 1024 + 17)
+DIGEST = Digest.of(DATA)
+
+
+class Trickle:
+    """A source Blob that hands out its bytes only when the test says so."""
+
+    source = "upstream"
+    path = None
+    verified = False
+
+    def __init__(self, data: bytes, chunk: int = 1024 * 1024) -> None:
+        self.data, self.size, self.chunk = data, len(data), chunk
+        self.opens = 0
+        self.gate = asyncio.Semaphore(0)
+
+    def release(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.gate.release()
+
+    async def open(self, start: int, end: int) -> AsyncIterator[bytes]:
+        self.opens += 1
+        for pos in range(start, end, self.chunk):
+            await self.gate.acquire()
+            yield self.data[pos : min(end, pos + self.chunk)]
+
+
+async def collect(it: AsyncIterator[bytes]) -> bytes:
+    return b"".join([c async for c in it])
+
+
+async def test_readers_follow_the_growing_file_and_share_one_fetch(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 1 << 30, keep_for=0.1)
+    source = Trickle(DATA)
+    fetch = spool.start(DIGEST, source)
+    assert fetch is not None
+    assert spool.start(DIGEST, Trickle(DATA)) is fetch  # joined, not started again
+    readers = [asyncio.create_task(collect(fetch.read(0, len(DATA)))) for _ in range(3)]
+    tail = asyncio.create_task(collect(fetch.read(1_000_000, 2_000_000)))
+    source.release(1)
+    await asyncio.sleep(0.05)
+    assert fetch.written == 1024 * 1024  # readers got going before the fetch finished
+    assert not any(r.done() for r in readers)
+    source.release(10)
+    assert await asyncio.gather(*readers) == [DATA] * 3
+    assert await tail == DATA[1_000_000:2_000_000]
+    assert source.opens == 1
+    await spool.close()
+
+
+async def test_bad_bytes_never_complete_a_read(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 1 << 30)
+    bad = bytearray(DATA)
+    bad[-1] ^= 1
+    source = Trickle(bytes(bad))
+    fetch = spool.start(DIGEST, source)
+    assert fetch is not None
+    # Even a range that ends long before the bad byte waits for the digest to match.
+    head = asyncio.create_task(collect(fetch.read(0, 1000)))
+    source.release(10)
+    with pytest.raises(FetchFailed):
+        await head
+    with pytest.raises(FetchFailed):
+        await collect(fetch.read(0, len(DATA)))
+    await asyncio.sleep(0)
+    assert spool.get(DIGEST) is None  # a failed fetch is forgotten
+    assert not fetch.path.exists()
+    await spool.close()
+
+
+async def test_spool_is_bounded_and_emptied_at_start(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    (directory / "sha256-leftover").write_bytes(b"partial from a crash")
+    spool = Spool(directory, max_bytes=len(DATA) + 10)
+    assert list(directory.iterdir()) == []
+    assert spool.start(DIGEST, Trickle(DATA)) is not None
+    other = b"x" * 100
+    assert spool.start(Digest.of(other), Trickle(other)) is None  # would not fit
+    await spool.close()
+
+
+async def test_finished_file_is_kept_until_containerd_has_it(tmp_path: Path) -> None:
+    held = asyncio.Event()
+
+    async def held_locally(digest: Digest) -> bool:
+        return held.is_set()
+
+    spool = Spool(tmp_path / "spool", 1 << 30, keep_for=30, held_locally=held_locally)
+    source = Trickle(DATA)
+    fetch = spool.start(DIGEST, source)
+    assert fetch is not None
+    source.release(10)
+    assert await collect(fetch.read(0, len(DATA))) == DATA
+    await asyncio.sleep(0.1)
+    assert spool.get(DIGEST) is fetch and fetch.path.exists()  # peers can still read it
+    held.set()
+    for _ in range(40):
+        if spool.get(DIGEST) is None:
+            break
+        await asyncio.sleep(0.1)
+    assert spool.get(DIGEST) is None and not fetch.path.exists()
+    await spool.close()
+
+
+def test_designated_fetcher_is_the_same_for_every_view_order() -> None:
+    peers = [Peer(f"12D3KooW{i}", f"10.0.0.{i}:30020") for i in range(8)]
+    digests = [Digest.of(bytes([i])) for i in range(200)]
+    for digest in digests:
+        assert designated(digest, peers) == designated(digest, list(reversed(peers)))
+    # Spread: no node is designated for everything.
+    chosen = {designated(d, peers).id for d in digests}
+    assert len(chosen) == 8
+    # A node leaving moves only its own digests.
+    without = [p for p in peers if p.id != "12D3KooW3"]
+    for digest in digests:
+        before = designated(digest, peers)
+        if before.id != "12D3KooW3":
+            assert designated(digest, without) == before
