@@ -116,7 +116,7 @@ def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def row(name: str, value: str, goal: str = "") -> None:
@@ -244,9 +244,9 @@ async def bench(args: argparse.Namespace) -> None:
         ):
             found, lat = 0, []
             for _ in range(args.latency // 10):
-                f, l, _ = await _one_node_batch(nodes, owner_of, all_keys, use_local)
-                found += f
-                lat += l
+                got, seconds, _ = await _one_node_batch(nodes, owner_of, all_keys, use_local)
+                found += got
+                lat += seconds
             row(f"lookup {label}: p50", f"{pct(lat, 50) * 1000:.1f} ms", "≤20 ms")
             row("  p99", f"{pct(lat, 99) * 1000:.1f} ms", "≤100 ms")
             row("  found", f"{found}/{len(lat)}")

@@ -5,13 +5,20 @@ layers) and every tag as `<registry>/<repo>:<tag>` (containerd's image name). Th
 rebuilt in full at start, after image events (debounced), after every event-stream break, and
 on a timer (containerd 1.6 publishes no event when content is added). Only differences are sent
 to the router: new keys advertised, vanished keys withdrawn.
+
+The advertised set is also kept on disk: a shoal that was killed and restarted withdraws what
+its earlier run advertised but the node no longer holds, instead of leaving those records to
+expire on the peers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from shoal import metrics
 from shoal.containerd.client import ContainerdClient
@@ -54,30 +61,65 @@ class Catalog:
         router: Router,
         resync_interval: float,
         read_keys: Callable[[ContainerdClient], Awaitable[set[str]]] = node_keys,
+        state_file: Path | None = None,
     ) -> None:
         self.client = client
         self.router = router
         self.resync_interval = resync_interval
         self.read_keys = read_keys
+        self.state_file = state_file
         self.keys: set[str] = set()
+        self._leftover = self._load()  # withdrawn at the first sync unless still held
         self._dirty = asyncio.Event()
         self._lock = asyncio.Lock()
         self.synced = asyncio.Event()
 
     async def sync(self) -> None:
         async with self._lock:
+            if self._leftover:
+                await self._router_ready()
             keys = await self.read_keys(self.client)
-            added, removed = keys - self.keys, self.keys - keys
+            added, removed = keys - self.keys, (self.keys | self._leftover) - keys
+            self._leftover = set()
             if removed:
                 await self.router.withdraw(removed)
             if added:
                 await self.router.advertise(added)
             self.keys = keys
+            if added or removed:
+                self._save()
             metrics.ADVERTISED.set(len(keys))
             self.synced.set()
             if added or removed:
                 log.info("catalog: %d keys (+%d, -%d)", len(keys), len(added), len(removed))
                 log.debug("catalog: added %s, removed %s", sorted(added), sorted(removed))
+
+    async def _router_ready(self, timeout: float = 30.0) -> None:
+        """A withdrawal sent before the router knows any peer reaches nobody: wait a little."""
+        for _ in range(int(timeout / 0.2)):  # the router offers no readiness event to await
+            if self.router.ready():
+                return
+            await asyncio.sleep(0.2)
+
+    def _load(self) -> set[str]:
+        """Keys an earlier run advertised: withdrawn at the first sync unless still held."""
+        if self.state_file is None:
+            return set()
+        try:
+            keys = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return set()
+        return {k for k in keys if isinstance(k, str)} if isinstance(keys, list) else set()
+
+    def _save(self) -> None:
+        if self.state_file is None:
+            return
+        tmp = self.state_file.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(sorted(self.keys)))
+            os.replace(tmp, self.state_file)
+        except OSError as exc:
+            log.warning("cannot record advertised keys in %s: %s", self.state_file, exc)
 
     async def _on_event(self, event: Event) -> None:
         self._dirty.set()

@@ -78,7 +78,12 @@ class Daemon:
         )
         self.router = make_router(settings, split_host_port(settings.listen)[1])
         self.peers = PeerSource(self.router)
-        self.catalog = Catalog(self.client, self.router, settings.resync_interval)
+        self.catalog = Catalog(
+            self.client,
+            self.router,
+            settings.resync_interval,
+            state_file=Path(settings.data_dir) / "advertised.json",
+        )
         # The registry and the spool verify every byte already; a third hash would only cost.
         self.upstream = UpstreamSource.from_settings(
             settings, tag_ttl=settings.tag_ttl, verify_blobs=False

@@ -31,9 +31,11 @@ def setup(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Third-party debug output (gRPC loop bookkeeping, multiaddr decoding) drowns shoal's own.
-    for noisy in ("grpc", "multiaddr", "libp2p", "root"):
+    # Third-party debug output (gRPC loop bookkeeping, multiaddr decoding, libp2p's calls on the
+    # root logger) drowns shoal's own.
+    for noisy in ("grpc", "multiaddr", "libp2p"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
+    handler.addFilter(lambda r: r.name != "root" or r.levelno >= logging.INFO)
     # aiohttp's access log repeats what the metrics say; keep it for debugging only.
     logging.getLogger("aiohttp.access").setLevel(
         logging.DEBUG if level == "debug" else logging.WARNING

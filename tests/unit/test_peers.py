@@ -25,12 +25,16 @@ class Cluster:
         self.lookups: list[str] = []
 
     async def node(
-        self, name: str, store: MemoryStore | None = None, app: web.Application | None = None
+        self,
+        name: str,
+        store: MemoryStore | None = None,
+        app: web.Application | None = None,
+        header_timeout: float = 1.0,
     ) -> tuple[TestServer, MemoryRouter]:
         store = store or MemoryStore()
         holder: dict[str, MemoryRouter] = {}
-        peers = PeerSource(_Counting(holder, self.lookups), PeerSettings(hedge_after=0.1,
-                           header_timeout=1.0, read_timeout=1.0))  # fmt: skip
+        settings = PeerSettings(hedge_after=0.1, header_timeout=header_timeout, read_timeout=1.0)
+        peers = PeerSource(_Counting(holder, self.lookups), settings)
         local = LocalSource(store)
         server = TestServer(app or make_app(SourceChain([local, peers], [local])),
                             host="127.0.0.1")  # fmt: skip
@@ -97,11 +101,15 @@ async def test_peer_requests_are_never_forwarded(cluster: Cluster) -> None:
 
 
 async def test_slow_peer_is_hedged(cluster: Cluster) -> None:
+    """The first holder never answers; the hedged second one serves, long before the first
+    would have timed out (here 20 s), so the pull does not wait on the stalled peer."""
     full = MemoryStore()
     image = build_image(full)
+    stalled = asyncio.Event()
 
     async def stall(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(5)
+        stalled.set()
+        await asyncio.sleep(60)
         return web.Response(status=404)
 
     slow_app = web.Application()
@@ -110,11 +118,12 @@ async def test_slow_peer_is_hedged(cluster: Cluster) -> None:
     _, good = await cluster.node("good", full)
     for router in (slow, good):  # the slow one first in the provider list
         await router.advertise([str(image["ldig"])])
-    b, _ = await cluster.node("b")
-    started = asyncio.get_running_loop().time()
-    status, body, _ = await get(str(b.make_url(f"/v2/team/app/blobs/{image['ldig']}")))
+    b, _ = await cluster.node("b", header_timeout=20.0)
+    status, body, _ = await asyncio.wait_for(
+        get(str(b.make_url(f"/v2/team/app/blobs/{image['ldig']}"))), timeout=15
+    )
     assert status == 200 and body == LAYER
-    assert asyncio.get_running_loop().time() - started < 2.5  # not the stalled peer's 5 s
+    assert stalled.is_set()  # the stalled peer was asked first
 
 
 async def test_body_cut_midway_resumes_from_another_peer(cluster: Cluster) -> None:

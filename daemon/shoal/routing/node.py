@@ -27,12 +27,10 @@ from libp2p import new_host
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
-from libp2p.io.exceptions import IncompleteReadError
 from libp2p.kad_dht.common import BUCKET_SIZE
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.kad_dht.provider_store import ProviderRecord
-from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -40,7 +38,6 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
-from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
 
 from shoal.routing import wire
@@ -85,6 +82,7 @@ class Counters:
     lookup_queries: int = 0
     lookup_query_failures: int = 0
     exchange_timeouts: int = 0
+    loop_lag_max: float = 0.0
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -106,6 +104,59 @@ def provider_ip(info: PeerInfo) -> str | None:
         if ip and not is_unspecified(ip):
             return ip
     return None
+
+
+class _StreamPool:
+    """Idle outbound streams kept open for the next exchange with the same peer and protocol.
+
+    Opening a stream costs more than a query itself (yamux SYN/ACK, two multistream round
+    trips, FIN/RST: 8 of 11 frames of a GET_PROVIDERS). Both the stock DHT handler and the
+    announce handler serve any number of requests per stream; streams idle longer than
+    `max_idle` are closed before the server's idle timeout (`inbound_read_timeout`) resets them.
+    """
+
+    def __init__(self, per_peer: int, max_idle: float) -> None:
+        self._per_peer = per_peer
+        self._max_idle = max_idle
+        self._idle: dict[tuple[ID, str], list[tuple[Any, float]]] = {}
+        self._stale: list[Any] = []
+
+    def take(self, peer: ID, protocol: str) -> Any | None:
+        items = self._idle.get((peer, protocol))
+        now = trio.current_time()
+        while items:
+            stream, since = items.pop()
+            if now - since < self._max_idle:
+                return stream
+            self._stale.append(stream)
+        return None
+
+    def give(self, peer: ID, protocol: str, stream: Any) -> bool:
+        items = self._idle.setdefault((peer, protocol), [])
+        if len(items) >= self._per_peer:
+            return False
+        items.append((stream, trio.current_time()))
+        return True
+
+    def drop(self, peer: ID) -> None:
+        for key in [k for k in self._idle if k[0] == peer]:
+            self._stale.extend(stream for stream, _ in self._idle.pop(key))
+
+    def expired(self) -> list[Any]:
+        """Streams to close: idle too long, or dropped."""
+        now = trio.current_time()
+        out, self._stale = self._stale, []
+        for key, items in list(self._idle.items()):
+            fresh = [(stream, since) for stream, since in items if now - since < self._max_idle]
+            out.extend(stream for stream, since in items if now - since >= self._max_idle)
+            if fresh:
+                self._idle[key] = fresh
+            else:
+                del self._idle[key]
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(items) for items in self._idle.values())
 
 
 class P2PNode:
@@ -141,8 +192,8 @@ class P2PNode:
         self._next_full = 0.0
         self._bg: trio.Nursery | None = None
         self._send_limiter = trio.CapacityLimiter(self.options.announce_parallel)
-        self._announce_limiter = trio.CapacityLimiter(self.options.inbound_streams)
         self._query_limiter = trio.CapacityLimiter(self.options.lookup_max_inflight)
+        self._streams = _StreamPool(per_peer=2, max_idle=self.options.inbound_read_timeout * 0.4)
         self._next_refresh = 0.0
         self._refresh_interval = self.options.tick_interval
         self._last_rt_size = -1
@@ -192,12 +243,18 @@ class P2PNode:
         self.host.set_stream_handler(TProtocol(wire.ANNOUNCE_PROTOCOL), self._handle_announce)
         try:
             async with self.host.run(listen_addrs=[self._listen]):
+                # The announced address is fixed once listening. BasicHost.get_addrs rebuilds
+                # it (multiaddr parsing, ~0.6 ms) on every call, and the DHT calls it for every
+                # response it signs, so this host answers from a cached copy.
+                addrs = self.host.get_addrs()
+                self.host.get_addrs = lambda: list(addrs)
                 async with background_trio_service(self.dht):
                     self._next_full = trio.current_time() + self._jittered(opts.reannounce_interval)
                     task_status.started()
                     async with trio.open_nursery() as nursery:
                         self._bg = nursery
                         nursery.start_soon(self._maintain)
+                        nursery.start_soon(self._watch_lag)
                         await self._stop.wait()
                         await self._withdraw_all()
                         nursery.cancel_scope.cancel()
@@ -333,6 +390,8 @@ class P2PNode:
             await trio.sleep(opts.tick_interval)
             try:
                 self._sample()
+                for stream in self._streams.expired():
+                    await self._finish(stream, ok=True)
                 now = trio.current_time()
                 # A peer that (re)connected may have restarted with an empty store: give it
                 # its share of our keys again.
@@ -352,6 +411,17 @@ class P2PNode:
                     del self._failures[peer]
             except Exception:
                 log.exception("routing maintenance failed")
+
+    async def _watch_lag(self) -> None:
+        """Track how late the trio loop wakes up (a starved or blocked loop misses deadlines)."""
+        while True:
+            start = trio.current_time()
+            await trio.sleep(0.1)
+            lag = trio.current_time() - start - 0.1
+            if lag > self.counters.loop_lag_max:
+                self.counters.loop_lag_max = lag
+            if lag > 0.5:
+                log.debug("trio loop woke %.2fs late", lag)
 
     async def _maybe_refresh(self, now: float) -> None:
         """Look ourselves up again soon after the routing table changes, then less and less often.
@@ -424,8 +494,9 @@ class P2PNode:
         return len(new)
 
     async def withdraw(self, keys: list[bytes]) -> None:
-        """Stop re-announcing and ask the current holders to drop our records."""
-        gone = [k for k in dict.fromkeys(keys) if k in self._keys]
+        """Stop re-announcing and ask the current holders to drop our records. Keys this run
+        never announced are sent too: an earlier run of this node (same peer ID) may have."""
+        gone = list(dict.fromkeys(keys))
         self._keys.difference_update(gone)
         self._store_own(gone, add=False)
         if gone:
@@ -478,37 +549,55 @@ class P2PNode:
         return ok | (set(peers) - set(groups))
 
     async def _exchange(
-        self, peer: ID, protocol: str, timeout: float, body: Callable[[Any], Awaitable[T]]
+        self,
+        peer: ID,
+        protocol: str,
+        timeout: float,
+        body: Callable[[Any], Awaitable[T]],
+        reuse: bool = False,
     ) -> tuple[bool, T | None, bool]:
-        """Open a stream to `peer`, run `body(stream)`, close it, under one shielded deadline.
+        """Run `body(stream)` on a stream to `peer` under one shielded deadline.
 
-        Returns (ok, body's result, timed out).
+        Returns (ok, body's result, timed out). With `reuse`, an idle pooled stream is tried
+        first (and the stream pooled again afterwards); a pooled stream the server already
+        dropped is retried once on a fresh one.
 
         Nothing outside (a lookup that has its answer, a caller that gave up) interrupts an
-        exchange: its stream is closed or reset properly and the peer sees no half-request.
+        exchange: the stream is closed or reset properly and the peer sees no half-request.
         Connection-level writes are shielded as well (see patches.shield_yamux_writes), so even
         the deadline firing mid-exchange leaves the connection usable.
         """
-        stream = None
         ok, result = False, None
         with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout) as scope:
-            try:
-                stream = await self.host.new_stream(peer, [TProtocol(protocol)])
-                result = await body(stream)
-                ok = True
-            except Exception as exc:
-                log.debug("%s exchange with %s failed: %r", protocol, peer, exc)
-            finally:
-                if stream is not None:
-                    with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
-                        try:
-                            await (stream.close() if ok else stream.reset())
-                        except Exception:
-                            pass
+            for _attempt in range(2):
+                stream = self._streams.take(peer, protocol) if reuse else None
+                pooled = stream is not None
+                try:
+                    if stream is None:
+                        stream = await self.host.new_stream(peer, [TProtocol(protocol)])
+                    result = await body(stream)
+                    ok = True
+                except Exception as exc:
+                    log.debug("%s exchange with %s failed: %r", protocol, peer, exc)
+                keep = ok and reuse and self._streams.give(peer, protocol, stream)
+                if stream is not None and not keep:
+                    await self._finish(stream, ok)
+                if ok or not pooled:
+                    break
         if scope.cancelled_caught:
             self.counters.exchange_timeouts += 1
+            self._streams.drop(peer)
             log.debug("%s exchange with %s timed out after %.1fs", protocol, peer, timeout)
         return ok, result, scope.cancelled_caught
+
+    @staticmethod
+    async def _finish(stream: Any, ok: bool) -> None:
+        """Close (or reset) under its own shield: an outer deadline may already have passed."""
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
+            try:
+                await (stream.close() if ok else stream.reset())
+            except Exception:
+                pass
 
     async def _send(
         self,
@@ -527,9 +616,11 @@ class P2PNode:
         async def body(stream: Any) -> None:
             for chunk in frames:
                 await stream.write(wire.encode_announce(op, addrs, chunk))
-                wire.decode_ack(await read_varint_prefixed_bytes_limited(stream, 64))
+                wire.decode_ack(await wire.read_message(stream, 64))
 
-        ok, _, timed_out = await self._exchange(peer, wire.ANNOUNCE_PROTOCOL, timeout, body)
+        ok, _, timed_out = await self._exchange(
+            peer, wire.ANNOUNCE_PROTOCOL, timeout, body, reuse=True
+        )
         if ok:
             self.counters.announce_streams += 1
             self.counters.records_sent += len(keys)
@@ -546,31 +637,23 @@ class P2PNode:
         timeout = self.options.inbound_read_timeout
         failed = True
         try:
-            async with self._announce_limiter:
-                # The sender speaks shoal's DHT: it belongs in our routing table.
-                await self.dht.add_peer(peer, skip_server_mode_check=True)
-                while True:
-                    # A deadline only fires on a peer idle for `timeout`: the stream is reset.
-                    with trio.fail_after(timeout):
-                        try:
-                            body = await read_varint_prefixed_bytes_limited(stream, wire.MAX_FRAME)
-                        except StreamEOF:
-                            break  # the sender closed its side: done
-                        except IncompleteReadError as exc:
-                            if exc.received_bytes == 0:
-                                break
-                            raise
-                        applied = self._apply(peer, wire.decode_announce(body))
-                        await stream.write(wire.encode_ack(applied))
-                failed = False
+            # The sender speaks shoal's DHT: it belongs in our routing table.
+            await self.dht.add_peer(peer, skip_server_mode_check=True)
+            while True:
+                # Senders keep the stream for their next announce; one idle for `timeout`
+                # is reset, so it holds nothing for long.
+                with trio.fail_after(timeout):
+                    try:
+                        body = await wire.read_message(stream, wire.MAX_FRAME)
+                    except EOFError:
+                        break  # the sender closed its side: done
+                    applied = self._apply(peer, wire.decode_announce(body))
+                    await stream.write(wire.encode_ack(applied))
+            failed = False
         except Exception as exc:
-            log.debug("announce from %s dropped: %r", peer, exc)
+            log.debug("announce stream from %s ended: %r", peer, exc)
         finally:
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
-                try:
-                    await (stream.reset() if failed else stream.close())
-                except Exception:
-                    pass
+            await self._finish(stream, ok=not failed)
 
     def _apply(self, peer: ID, msg: wire.Announce) -> int:
         """Write (or drop) the sender's records straight into the DHT's provider store."""
@@ -699,7 +782,7 @@ class P2PNode:
             launch(1)
             while inflight:
                 with trio.move_on_after(opts.lookup_hedge_delay) as waited:
-                    peer, result = await recv.receive()
+                    _, result = await recv.receive()
                 if waited.cancelled_caught:
                     launch(min(inflight + 1, opts.lookup_parallel))
                     continue
@@ -736,9 +819,7 @@ class P2PNode:
         async def body(stream: Any) -> Any:
             await stream.write(wire.encode_uvarint(len(payload)) + payload)
             response = Message()
-            response.ParseFromString(
-                await read_varint_prefixed_bytes_limited(stream, MAX_DHT_RESPONSE)
-            )
+            response.ParseFromString(await wire.read_message(stream, MAX_DHT_RESPONSE))
             if response.type != Message.MessageType.GET_PROVIDERS:
                 raise ValueError(f"unexpected response type {response.type}")
             return response
@@ -747,7 +828,7 @@ class P2PNode:
         # only push every exchange past its deadline and trigger yet more queries.
         async with self._query_limiter:
             ok, response, timed_out = await self._exchange(
-                peer, self.options.protocol_id, self.options.lookup_peer_timeout, body
+                peer, self.options.protocol_id, self.options.lookup_peer_timeout, body, reuse=True
             )
         if not ok:
             self.counters.lookup_query_failures += 1

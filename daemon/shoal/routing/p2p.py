@@ -187,8 +187,7 @@ class Libp2pRouter:
             return False
         if self._ready_alone:
             return True
-        stats = self._node.stats
-        return stats.connected > 0 or stats.routing_table > 0
+        return self._node.stats.connected > 0
 
     def node_info(self) -> NodeInfo:
         return self._info
@@ -205,7 +204,7 @@ class Libp2pRouter:
     def peer_id(self) -> str:
         return self._info.id
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         """Routing table size, connections, keys and stored records, for metrics."""
         if self._node is None:
             return {}
@@ -223,11 +222,14 @@ class Libp2pRouter:
             "lookup_local_hits": c.lookup_local_hits,
             "lookup_queries": c.lookup_queries,
             "lookup_query_failures": c.lookup_query_failures,
+            "exchange_timeouts": c.exchange_timeouts,
+            "loop_lag_max_seconds": round(c.loop_lag_max, 3),
         }
 
-    async def connect(self, addrs: Iterable[str]) -> int:
-        """Dial multiaddrs with /p2p/<id> now (bootstrap does this on its own)."""
-        return await self._bridge().submit(self._node.connect, list(addrs))
+    async def connect(self, addrs: Iterable[str], timeout: float = 5.0) -> int:
+        """Dial multiaddrs with /p2p/<id> now (bootstrap does this on its own); returns how
+        many peers answered."""
+        return await self._bridge().submit(self._node.connect, list(addrs), timeout)
 
     async def _bootstrap_loop(self) -> None:
         """Discover and dial peers: retried with backoff while the routing table is empty,
@@ -237,7 +239,10 @@ class Libp2pRouter:
         delay = opts.bootstrap_retry_min
         last = -float("inf")
         while True:
-            empty = self._node.stats.routing_table == 0
+            # Alone: no routing-table peer, or no connection left (peers gone; dead entries
+            # linger in the routing table for a long time).
+            stats = self._node.stats
+            empty = stats.routing_table == 0 or stats.connected == 0
             now = time.monotonic()
             if empty or now - last >= opts.rediscover_interval:
                 last = now

@@ -28,6 +28,9 @@ _NOISY = (
     "libp2p.host",
     "libp2p.transport",
     "libp2p.stream_muxer",
+    "libp2p.protocol_muxer",
+    "libp2p.security",
+    "libp2p.identity",
 )
 
 _applied: dict[str, Any] = {}
@@ -65,6 +68,7 @@ def apply_process_patches(
     kad_dht.read_varint_prefixed_bytes_limited = _with_timeout(original, inbound_read_timeout)
     _applied["protocol_id"] = protocol_id
     shield_yamux_writes()
+    batch_yamux_window_updates()
     quiet_libp2p_logging()
 
 
@@ -105,6 +109,32 @@ def _with_timeout(
             return await fn(reader, max_length)
 
     return timed
+
+
+def batch_yamux_window_updates() -> None:
+    """Send a yamux WINDOW_UPDATE once half the receive window is consumed, as go-yamux does.
+
+    py-libp2p's auto-tuning sends one after nearly every read, and the DHT reads its varint
+    prefixes a byte at a time: 13 of the 25 frames of a GET_PROVIDERS exchange were window
+    updates, each a Noise message and a socket write. Shoal's streams carry small messages,
+    so window auto-growth (for bulk throughput) is not needed.
+    """
+    from libp2p.stream_muxer.yamux.yamux import YamuxStream
+
+    _applied.setdefault("window_update", YamuxStream._auto_tune_and_send_window_update)
+
+    async def _auto_tune_and_send_window_update(self: Any, *, bytes_read: int = 0) -> None:
+        increment = 0
+        async with self.window_lock:
+            self._pending_recv_release += bytes_read
+            if self._pending_recv_release >= self.target_recv_window // 2:
+                increment = self._pending_recv_release
+                self.recv_window += increment
+                self._pending_recv_release = 0
+        if increment:
+            await self.send_window_update(increment, skip_lock=True)
+
+    YamuxStream._auto_tune_and_send_window_update = _auto_tune_and_send_window_update  # type: ignore[method-assign]
 
 
 def tune_dht(dht: Any, *, inbound_streams: int, add_provider_per_10s: int) -> None:

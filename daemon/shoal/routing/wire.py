@@ -8,8 +8,8 @@ normal provider store, so standard GET_PROVIDERS (and our lookup) find them.
 Stream: `/shoal/announce/1.0.0`. Each request frame is `uvarint(len) body`, with body:
 
     op: 1 byte (1 = add, 2 = remove)
-    uvarint n_addrs, then n_addrs × (uvarint len, multiaddr bytes)   # the provider's addresses
-    uvarint n_keys,  then n_keys  × (uvarint len, multihash bytes)
+    uvarint n_addrs, then n_addrs x (uvarint len, multiaddr bytes)   # the provider's addresses
+    uvarint n_keys,  then n_keys  x (uvarint len, multihash bytes)
 
 The provider is always the authenticated remote peer, never a field. Each request is answered
 by `uvarint(len) uvarint(records applied)`. The sender closes its side when done.
@@ -18,6 +18,7 @@ by `uvarint(len) uvarint(records applied)`. The sender closes its side when done
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 ANNOUNCE_PROTOCOL = "/shoal/announce/1.0.0"
 
@@ -131,3 +132,36 @@ def decode_ack(body: bytes) -> int:
     if pos != len(body):
         raise WireError("trailing bytes in ack")
     return value
+
+
+async def read_message(stream: Any, max_len: int) -> bytes:
+    """Read one uvarint-prefixed message in as few reads as the data allows.
+
+    libp2p's `read_varint_prefixed_bytes_limited` reads the prefix a byte at a time (a stream
+    read each). Request/response exchanges never have bytes past the message, so any are a
+    protocol error. A clean end of stream before any byte raises EOFError.
+    """
+    buf = b""
+    while True:
+        if buf:
+            try:
+                length, pos = decode_uvarint(buf, 0)
+            except WireError:
+                if len(buf) > 9:
+                    raise
+            else:
+                if length > max_len:
+                    raise WireError(f"message of {length} bytes exceeds {max_len}")
+                if len(buf) >= pos + length:
+                    if len(buf) > pos + length:
+                        raise WireError("unexpected bytes after the message")
+                    return buf[pos:]
+        try:
+            chunk = await stream.read(65536)
+        except EOFError:
+            chunk = b""
+        if not chunk:
+            if buf:
+                raise WireError("stream ended inside a message")
+            raise EOFError("end of stream")
+        buf += chunk
