@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 
 from shoal.containerd.model import ContainerdNotFound, Descriptor
-from shoal.containerd.walk import NodeImage, manifest_type, walk
+from shoal.containerd.walk import NodeImage, walk
 from shoal.oci.mediatypes import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     OCI_INDEX,
     OCI_MANIFEST,
+    manifest_media_type,
 )
 
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -252,14 +253,15 @@ async def test_manifest_deleted_during_walk_is_missing() -> None:
         ({"schemaVersion": 2, "config": {}, "layers": []}, DOCKER_MANIFEST, DOCKER_MANIFEST),
         ({"schemaVersion": 2, "config": {}, "layers": []}, "", OCI_MANIFEST),
         ({"schemaVersion": 2, "manifests": []}, "application/octet-stream", OCI_INDEX),
+        ({"schemaVersion": 2, "manifests": []}, OCI_MANIFEST, OCI_INDEX),  # shape beats a bad hint
         ({"schemaVersion": 2, "mediaType": "application/x-unknown"}, OCI_MANIFEST, None),
         ({"schemaVersion": 1}, "", None),
     ],
 )
 def test_manifest_type(doc: dict[str, Any], hint: str, expected: str | None) -> None:
-    assert manifest_type(json.dumps(doc).encode(), hint) == expected
+    assert manifest_media_type(json.dumps(doc).encode(), hint) == expected
 
 
 def test_manifest_type_of_garbage() -> None:
-    assert manifest_type(b"\xff\xfe", OCI_MANIFEST) is None
-    assert manifest_type(b"[1, 2]", OCI_MANIFEST) is None
+    assert manifest_media_type(b"\xff\xfe", OCI_MANIFEST) is None
+    assert manifest_media_type(b"[1, 2]", OCI_MANIFEST) is None

@@ -300,3 +300,29 @@ async def test_a_hung_or_dead_peer_costs_lookups_at_most_a_second(tmp_path: Path
     finally:
         await asyncio.to_thread(node.kill)
         await stop_all(routers)
+
+
+async def test_more_nodes_than_replicas_records_land_on_the_closest_and_are_found(
+    tmp_path: Path,
+) -> None:
+    options = dataclasses_replace(TEST_OPTIONS, replication=2)
+    routers = await libp2p_cluster(tmp_path, 6, options)
+    try:
+        await wait_for(lambda: all(len(r.members()) == 5 for r in routers))
+        keys = {i: [f"sha256:{i:02x}{j:062x}" for j in range(40)] for i in range(6)}
+        await asyncio.gather(*(r.advertise(keys[i]) for i, r in enumerate(routers)))
+        await asyncio.sleep(1.0)  # a few ticks: nothing more should be sent
+        # Each key went to its 2 closest nodes (one of them possibly the owner), not everywhere.
+        received = sum(r.stats()["records_received"] for r in routers)
+        assert 6 * 40 <= received <= 6 * 40 * 2
+        misses = 0
+        for i, r in enumerate(routers):
+            for j, owner_keys in keys.items():
+                if i == j:
+                    continue
+                for key in owner_keys[:10]:
+                    ids = [p.id for p in await found_net(r, key)]
+                    misses += ids != [routers[j].node_info().id]
+        assert misses == 0
+    finally:
+        await stop_all(routers)

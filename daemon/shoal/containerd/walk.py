@@ -15,11 +15,10 @@ from shoal.containerd.model import ContainerdNotFound, Descriptor
 from shoal.oci.digest import Digest
 from shoal.oci.errors import DigestInvalid
 from shoal.oci.mediatypes import (
-    ALL_MANIFEST_TYPES,
     INDEX_TYPES,
     MANIFEST_TYPES,
     MAX_MANIFEST_BYTES,
-    detect_media_type,
+    manifest_media_type,
     parse_manifest,
 )
 
@@ -61,23 +60,6 @@ class NodeImage:
 
     def get(self, digest: str) -> Blob | None:
         return next((b for b in self.blobs if b.digest == digest), None)
-
-
-def manifest_type(body: bytes, hint: str) -> str | None:
-    """The media type to serve manifest bytes with, or None if they are no known manifest.
-
-    A `mediaType` the document declares wins; then the descriptor's type (`hint`); then the
-    document's shape (OCI manifests and indexes may omit `mediaType`).
-    """
-    doc = parse_manifest(body)
-    if doc is None:
-        return None
-    declared = doc.get("mediaType")
-    if isinstance(declared, str) and declared in ALL_MANIFEST_TYPES:
-        return declared
-    if hint in ALL_MANIFEST_TYPES and not declared:
-        return hint
-    return detect_media_type(body)
 
 
 def platform_text(platform: Any) -> str | None:
@@ -158,7 +140,7 @@ async def walk(name: str, target: Descriptor, fetch: Fetch, has: Has) -> NodeIma
                 return
             except ValueError:
                 body = None
-        media_type = manifest_type(body, desc.media_type) if body is not None else None
+        media_type = manifest_media_type(body, desc.media_type) if body is not None else None
         doc = parse_manifest(body) if body is not None and media_type else None
         if media_type is None or doc is None:
             found[desc.digest] = Blob(desc.digest, desc.media_type, desc.size, "blob", platform)

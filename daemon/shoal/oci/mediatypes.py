@@ -48,3 +48,23 @@ def detect_media_type(body: bytes) -> str | None:
     if isinstance(doc.get("config"), dict) and isinstance(doc.get("layers"), list):
         return OCI_MANIFEST
     return None
+
+
+def manifest_media_type(body: bytes, hint: str | None = None) -> str | None:
+    """The media type to serve manifest bytes with, or None if they are no manifest shoal serves.
+
+    A `mediaType` the document declares wins. A document without one (OCI allows that) gets
+    the type its descriptor gave (`hint`, e.g. containerd's image record) when that agrees with
+    its shape, else the type its shape implies.
+    """
+    doc = parse_manifest(body)
+    if doc is None:
+        return None
+    declared = doc.get("mediaType")
+    if declared:
+        return declared if declared in ALL_MANIFEST_TYPES else None
+    shape = detect_media_type(body)
+    if shape is None or hint is None:
+        return shape
+    same_kind = (hint in INDEX_TYPES) == (shape in INDEX_TYPES) and hint in ALL_MANIFEST_TYPES
+    return hint if same_kind else shape

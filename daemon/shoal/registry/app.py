@@ -26,7 +26,7 @@ from shoal.oci.errors import (
     RegistryError,
     Unsupported,
 )
-from shoal.oci.mediatypes import MAX_MANIFEST_BYTES, OCTET_STREAM, detect_media_type
+from shoal.oci.mediatypes import MAX_MANIFEST_BYTES, OCTET_STREAM, manifest_media_type
 from shoal.oci.names import Reference, make_reference
 from shoal.oci.ranges import parse_range
 from shoal.registry.verify import HOLD_BACK, DigestMismatch, FileVerifier, verified_chunks
@@ -118,7 +118,7 @@ class Registry:
                 log.warning("manifest %s from %s unusable: %s", digest, source.name, exc)
                 continue
             body = b"".join(parts)
-            media_type = detect_media_type(body) or hint
+            media_type = manifest_media_type(body, hint)
             if media_type is None:
                 break  # content exists but is no manifest
             return Manifest(body, media_type, digest, blob.source)

@@ -185,7 +185,7 @@ class P2PNode:
         self.counters = Counters()
         self._keys: set[bytes] = set()
         self._covered: set[ID] = set()
-        self._last_connected: set[ID] = set()
+        self._conn_ids: dict[ID, frozenset[int]] = {}
         self._failures: dict[ID, _Failure] = {}
         self._stop = trio.Event()
         self._stopped = trio.Event()
@@ -195,6 +195,7 @@ class P2PNode:
         self._query_limiter = trio.CapacityLimiter(self.options.lookup_max_inflight)
         self._streams = _StreamPool(per_peer=2, max_idle=self.options.inbound_read_timeout * 0.4)
         self._next_refresh = 0.0
+        self._regions: dict[tuple[int, int], tuple[float, list[ID]]] = {}
         self._refresh_interval = self.options.tick_interval
         self._last_rt_size = -1
 
@@ -393,24 +394,29 @@ class P2PNode:
                 for stream in self._streams.expired():
                     await self._finish(stream, ok=True)
                 now = trio.current_time()
-                # A peer that (re)connected may have restarted with an empty store: give it
-                # its share of our keys again.
-                connected = set(self.host.get_connected_peers())
-                self._covered -= connected - self._last_connected
-                self._last_connected = connected
+                self._notice_reconnects()
                 await self._maybe_refresh(now)
                 if now >= self._next_full:
                     self._next_full = now + self._jittered(opts.reannounce_interval)
                     await self.announce_all()
-                elif self._keys:
-                    newcomers = set(self._dht_peers()) - self._covered
-                    if newcomers:
-                        await self._announce(list(self._keys), wire.OP_ADD, only=newcomers)
+                else:
+                    await self._welcome_newcomers()
                 # Forget failures long past so the table does not grow without bound.
                 for peer in [p for p, f in self._failures.items() if f.until + 3600 < now]:
                     del self._failures[peer]
             except Exception:
                 log.exception("routing maintenance failed")
+
+    def _notice_reconnects(self) -> None:
+        """A peer whose connections were all replaced since the last tick may have restarted
+        with an empty store: it gets its share of our keys again at once."""
+        for peer, conns in self.host.get_network().get_connections_map().items():
+            ids = frozenset(id(conn) for conn in conns)
+            seen = self._conn_ids.get(peer)
+            if seen is not None and ids and seen.isdisjoint(ids):
+                self._covered.discard(peer)
+            if ids:
+                self._conn_ids[peer] = ids
 
     async def _watch_lag(self) -> None:
         """Track how late the trio loop wakes up (a starved or blocked loop misses deadlines)."""
@@ -451,21 +457,50 @@ class P2PNode:
         suffix = Multiaddr(f"/p2p/{self.peer_id}")
         return [a.decapsulate(suffix) for a in self.host.get_addrs()]
 
-    def _targets(self, keys: list[bytes], peers: list[ID]) -> dict[ID, list[bytes]]:
-        """For each peer, the keys it is among the `replication` closest for (self included)."""
+    async def _targets(self, keys: list[bytes], peers: list[ID]) -> dict[ID, list[bytes]]:
+        """For each peer, the keys it is among the `replication` closest for (self included).
+
+        Up to `replication` nodes everyone holds everything. Beyond that, the routing table
+        holds only a sample of the far parts of the keyspace, so keys are grouped by region
+        (the top bits of their keyspace point, about `replication` nodes per region) and each
+        region's closest nodes are walked for once (FIND_NODE, cached): one walk per region
+        instead of one per key, as stock provide() does.
+        """
         assert self.peer_id is not None
         r = self.options.replication
         everyone = [*peers, self.peer_id]
         if len(everyone) <= r:
             return {p: keys for p in peers}
-        points = [(p, keyspace_point(p.to_bytes())) for p in everyone]
-        groups: dict[ID, list[bytes]] = {}
+        bits = max(1, math.ceil(math.log2(len(everyone) / r)))
+        regions: dict[int, list[bytes]] = {}
         for key in keys:
-            target = keyspace_point(key)
-            for peer, _ in heapq.nsmallest(r, points, key=lambda item: item[1] ^ target):
-                if peer != self.peer_id:
-                    groups.setdefault(peer, []).append(key)
+            regions.setdefault(keyspace_point(key) >> (256 - bits), []).append(key)
+        base = {p: keyspace_point(p.to_bytes()) for p in everyone}
+        groups: dict[ID, list[bytes]] = {}
+        for region, region_keys in regions.items():
+            points = dict(base)
+            for peer in await self._region_peers(bits, region, region_keys[0]):
+                points.setdefault(peer, keyspace_point(peer.to_bytes()))
+            items = list(points.items())
+            for key in region_keys:
+                target = keyspace_point(key)
+                for peer, _ in heapq.nsmallest(r, items, key=lambda item: item[1] ^ target):
+                    if peer != self.peer_id:
+                        groups.setdefault(peer, []).append(key)
         return groups
+
+    async def _region_peers(self, bits: int, region: int, sample: bytes) -> list[ID]:
+        """The nodes closest to a keyspace region, from a network walk at most every 5 min."""
+        assert self.dht is not None
+        now = trio.current_time()
+        cached = self._regions.get((bits, region))
+        if cached is None or cached[0] < now:
+            found: list[ID] = []
+            with trio.move_on_after(10):
+                found = await self.dht.peer_routing.find_closest_peers_network(sample)
+            self._regions[(bits, region)] = (now + 300, found)
+            cached = self._regions[(bits, region)]
+        return [p for p in cached[1] if p != self.peer_id and not self._is_failed(p, now, 2)]
 
     def _store_own(self, keys: Iterable[bytes], add: bool) -> None:
         assert self.dht is not None
@@ -504,12 +539,22 @@ class P2PNode:
 
     async def announce_all(self) -> None:
         """Re-send every key to its current closest peers (refreshes record timestamps)."""
-        if not self._keys:
-            return
         keys = list(self._keys)
         self._store_own(keys, add=True)
-        ok = await self._announce(keys, wire.OP_ADD)
-        self._covered = ok
+        self._covered = await self._announce(keys, wire.OP_ADD, to_all=True)
+
+    async def _welcome_newcomers(self) -> None:
+        """Peers not yet holding their share of all our keys get it now.
+
+        They count as covered from this moment (before the keys are even sent), so an
+        advertise() racing with this includes them; a failed send uncovers them again.
+        """
+        newcomers = set(self._dht_peers()) - self._covered
+        if not newcomers:
+            return
+        self._covered |= newcomers
+        if self._keys:
+            await self._announce(list(self._keys), wire.OP_ADD, only=newcomers)
 
     async def _withdraw_all(self) -> None:
         timeout = self.options.withdraw_on_stop_timeout
@@ -524,15 +569,20 @@ class P2PNode:
         op: int,
         only: set[ID] | None = None,
         timeout: float | None = None,
+        to_all: bool = False,
     ) -> set[ID]:
-        """Send `keys` to their closest peers (or only to `only`); returns the peers that took
-        them, or needed none of them."""
+        """Send `keys` to their closest peers; returns the peers that took theirs or needed none.
+
+        `_covered` holds the peers that have their share of *all* our keys. New keys (an
+        add without `only` or `to_all`) go to covered peers only: the others get everything,
+        new keys included, from the next tick's `_welcome_newcomers`, so nothing is sent twice.
+        """
         peers = self._dht_peers()
-        groups = self._targets(keys, peers)
+        groups = await self._targets(keys, peers)
         if only is not None:
             groups = {p: ks for p, ks in groups.items() if p in only}
-            # A newcomer with no keys to hold still counts as covered.
-            self._covered.update(only - set(groups))
+        elif op == wire.OP_ADD and not to_all:
+            groups = {p: ks for p, ks in groups.items() if p in self._covered}
         ok: set[ID] = set()
         addrs = [a.to_bytes() for a in self._own_addrs()]
 
@@ -540,8 +590,6 @@ class P2PNode:
             async with self._send_limiter:
                 if await self._send(peer, op, addrs, peer_keys, timeout):
                     ok.add(peer)
-                    if op == wire.OP_ADD:
-                        self._covered.add(peer)
 
         async with trio.open_nursery() as nursery:
             for peer, peer_keys in groups.items():
@@ -756,7 +804,7 @@ class P2PNode:
         ranked = rank()
         queried: set[ID] = set()
         send, recv = trio.open_memory_channel[tuple[ID, Any]](math.inf)
-        inflight = 0
+        inflight = with_providers = quiet = 0
 
         async def query(peer: ID) -> None:
             result = await self._get_providers(peer, key)
@@ -793,11 +841,21 @@ class P2PNode:
                 providers, closer = result
                 if any(offer(info) for info in providers):
                     return found
+                with_providers += bool(providers)
                 fresh = [p for p in closer if p != self.peer_id and p not in known]
-                if fresh:
-                    known.update(fresh)
-                    ranked = rank()
-                launch(opts.lookup_parallel)  # no record there: widen, as Kademlia does
+                known.update(fresh)
+                closest = rank() if fresh else ranked
+                quiet = quiet + 1 if closest == ranked else 0
+                ranked = closest
+                # A holder returns every provider it stores, so a few holders that answered
+                # tell the whole story (fewer than `limit` exist); a walk that no longer gets
+                # closer has asked the holders (or there are none: a miss).
+                if (
+                    with_providers >= opts.lookup_enough_answers
+                    or quiet >= opts.lookup_quiet_answers
+                ):
+                    break
+                launch(opts.lookup_parallel)  # not done: widen, as Kademlia does
         finally:
             send.close()
             recv.close()

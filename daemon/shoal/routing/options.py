@@ -31,6 +31,10 @@ class RoutingOptions:
     lookup_hedge_delay: float = 0.05
     # Queries in flight per node across all lookups (more wait for a slot).
     lookup_max_inflight: int = 32
+    # A lookup short of `limit` stops after this many answers that named providers (each
+    # holder names all it has), or this many answers in a row that brought no closer peer.
+    lookup_enough_answers: int = 3
+    lookup_quiet_answers: int = 4
     # Bulk announce: deadline to open a stream / per frame, targets sent to at once.
     announce_open_timeout: float = 5.0
     announce_frame_timeout: float = 15.0
