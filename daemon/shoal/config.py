@@ -129,7 +129,10 @@ def add_run_options(parser: argparse.ArgumentParser, environ: dict[str, str] | N
         default = opt.default
         if opt.env in env:
             raw = env[opt.env]
-            default = opt.type(raw) if opt.type is not str else raw
+            try:
+                default = opt.type(raw) if opt.type is not str else raw
+            except (ValueError, argparse.ArgumentTypeError):
+                parser.error(f"{opt.env}={raw!r} is not a valid value")
             if opt.choices and default not in opt.choices:
                 parser.error(f"{opt.env}={raw!r}: choose from {', '.join(opt.choices)}")
         kwargs: dict[str, Any] = {"default": default, "help": f"{opt.help} [env {opt.env}]"}

@@ -7,8 +7,11 @@ succeed with bytes that A's shoal served.
 
 from __future__ import annotations
 
+import hashlib
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -151,3 +154,26 @@ def test_configure_then_cleanup_leaves_hosts_dir_identical(world: World) -> None
     assert snapshot(hosts) != before
     shoal_cli("cleanup", "--hosts-dir", str(hosts))
     assert snapshot(hosts) == before
+
+
+def test_sigterm_lets_an_inflight_download_finish(world: World) -> None:
+    """SIGTERM: a body already streaming still completes (the reader here is slow, so the
+    server is still sending), then shoal exits 0."""
+    shoal = ShoalDaemon(world.a).start()
+    layer = world.built["large"].layers[0]
+    url = f"{shoal.url}/v2/e2e/large/blobs/{layer.digest}"
+    resp = urllib.request.urlopen(url, timeout=30)
+    body = bytearray(resp.read(1024))  # the response is under way
+    assert shoal.proc is not None
+    shoal.proc.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    alive_while_sending = False
+    while chunk := resp.read(64 * 1024):
+        body += chunk
+        time.sleep(0.05)
+        if time.monotonic() - signalled > 0.5 and not alive_while_sending:
+            alive_while_sending = shoal.proc.popen.poll() is None
+    assert hashlib.sha256(body).hexdigest() == layer.hex
+    assert alive_while_sending
+    assert shoal.proc.popen.wait(15) == 0
+    assert any(line.get("msg") == "stopping" for line in shoal.log_lines())

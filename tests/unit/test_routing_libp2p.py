@@ -305,7 +305,7 @@ async def test_a_hung_or_dead_peer_costs_lookups_at_most_a_second(tmp_path: Path
 async def test_more_nodes_than_replicas_records_land_on_the_closest_and_are_found(
     tmp_path: Path,
 ) -> None:
-    options = dataclasses_replace(TEST_OPTIONS, replication=2)
+    options = dataclasses_replace(TEST_OPTIONS, replication=2, announce_region_walks="always")
     routers = await libp2p_cluster(tmp_path, 6, options)
     try:
         await wait_for(lambda: all(len(r.members()) == 5 for r in routers))
@@ -315,6 +315,7 @@ async def test_more_nodes_than_replicas_records_land_on_the_closest_and_are_foun
         # Each key went to its 2 closest nodes (one of them possibly the owner), not everywhere.
         received = sum(r.stats()["records_received"] for r in routers)
         assert 6 * 40 <= received <= 6 * 40 * 2
+        assert all(r._node._regions for r in routers)  # keys were placed by region walks
         misses = 0
         for i, r in enumerate(routers):
             for j, owner_keys in keys.items():
@@ -326,3 +327,16 @@ async def test_more_nodes_than_replicas_records_land_on_the_closest_and_are_foun
         assert misses == 0
     finally:
         await stop_all(routers)
+
+
+async def test_calls_after_stop_are_ignored_and_stop_is_idempotent(tmp_path: Path) -> None:
+    a, b = await libp2p_cluster(tmp_path, 2)
+    await a.advertise(["sha256:" + "d" * 64])
+    start = time.monotonic()
+    await stop_all([a, b])
+    assert time.monotonic() - start < 5
+    await a.advertise(["sha256:" + "e" * 64])
+    await a.withdraw(["sha256:" + "d" * 64])
+    assert await found(a, "sha256:" + "d" * 64) == []
+    assert not a.ready()
+    await a.stop()

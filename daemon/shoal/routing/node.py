@@ -19,7 +19,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import trio
@@ -83,7 +83,6 @@ class Counters:
     lookup_query_failures: int = 0
     exchange_timeouts: int = 0
     loop_lag_max: float = 0.0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 def _ip_of(addr: Multiaddr) -> str | None:
@@ -155,9 +154,6 @@ class _StreamPool:
                 del self._idle[key]
         return out
 
-    def __len__(self) -> int:
-        return sum(len(items) for items in self._idle.values())
-
 
 class P2PNode:
     """One libp2p host + DHT. Construct anywhere; `serve` runs inside trio."""
@@ -191,6 +187,7 @@ class P2PNode:
         self._stopped = trio.Event()
         self._next_full = 0.0
         self._bg: trio.Nursery | None = None
+        self._exchanges: set[trio.CancelScope] = set()
         self._send_limiter = trio.CapacityLimiter(self.options.announce_parallel)
         self._query_limiter = trio.CapacityLimiter(self.options.lookup_max_inflight)
         self._streams = _StreamPool(per_peer=2, max_idle=self.options.inbound_read_timeout * 0.4)
@@ -258,6 +255,11 @@ class P2PNode:
                         nursery.start_soon(self._watch_lag)
                         await self._stop.wait()
                         await self._withdraw_all()
+                        # Exchanges are shielded from cancellation: bring their own deadlines
+                        # forward so stopping takes a second, not an announce's 20.
+                        soon = trio.current_time() + 1.0
+                        for scope in self._exchanges:
+                            scope.deadline = min(scope.deadline, soon)
                         nursery.cancel_scope.cancel()
         finally:
             self._stopped.set()
@@ -277,8 +279,10 @@ class P2PNode:
 
     # ----------------------------------------------------------------- peers
 
-    def _is_failed(self, peer: ID, now: float | None = None, strikes: int = 1) -> bool:
-        """Whether `peer` failed `strikes` times in a row and is still backing off."""
+    def _is_failed(self, peer: ID, now: float | None = None, strikes: int = 2) -> bool:
+        """Whether `peer` failed `strikes` times in a row and is still backing off.
+
+        One failure is not enough to shun a peer: on a busy node live peers time out too."""
         failure = self._failures.get(peer)
         return (
             failure is not None
@@ -308,11 +312,7 @@ class P2PNode:
         (they get their share from the tick once they answer again)."""
         assert self.dht is not None
         now = trio.current_time()
-        return [
-            p
-            for p in self.dht.routing_table.get_peer_ids()
-            if not self._is_failed(p, now, strikes=2)
-        ]
+        return [p for p in self.dht.routing_table.get_peer_ids() if not self._is_failed(p, now)]
 
     async def connect(
         self,
@@ -466,7 +466,7 @@ class P2PNode:
         region's closest nodes are walked for once (FIND_NODE, cached): one walk per region
         instead of one per key, as stock provide() does.
         """
-        assert self.peer_id is not None
+        assert self.peer_id is not None and self.dht is not None
         r = self.options.replication
         everyone = [*peers, self.peer_id]
         if len(everyone) <= r:
@@ -476,11 +476,18 @@ class P2PNode:
         for key in keys:
             regions.setdefault(keyspace_point(key) >> (256 - bits), []).append(key)
         base = {p: keyspace_point(p.to_bytes()) for p in everyone}
+        # No bucket ever filled up: the table holds every node we heard of, walks add nothing.
+        walks = self.options.announce_region_walks
+        complete = walks == "never" or (
+            walks == "auto"
+            and all(b.size() < b.bucket_size for b in self.dht.routing_table.buckets)
+        )
         groups: dict[ID, list[bytes]] = {}
         for region, region_keys in regions.items():
             points = dict(base)
-            for peer in await self._region_peers(bits, region, region_keys[0]):
-                points.setdefault(peer, keyspace_point(peer.to_bytes()))
+            if not complete:
+                for peer in await self._region_peers(bits, region, region_keys[0]):
+                    points.setdefault(peer, keyspace_point(peer.to_bytes()))
             items = list(points.items())
             for key in region_keys:
                 target = keyspace_point(key)
@@ -500,7 +507,7 @@ class P2PNode:
                 found = await self.dht.peer_routing.find_closest_peers_network(sample)
             self._regions[(bits, region)] = (now + 300, found)
             cached = self._regions[(bits, region)]
-        return [p for p in cached[1] if p != self.peer_id and not self._is_failed(p, now, 2)]
+        return [p for p in cached[1] if p != self.peer_id and not self._is_failed(p, now)]
 
     def _store_own(self, keys: Iterable[bytes], add: bool) -> None:
         assert self.dht is not None
@@ -523,6 +530,9 @@ class P2PNode:
         new = [k for k in dict.fromkeys(keys) if k not in self._keys]
         if not new:
             return 0
+        # Peers not covered yet get their share of the older keys first; then every covered
+        # peer (them included) gets the new ones, so both arrive before this returns.
+        await self._welcome_newcomers()
         self._keys.update(new)
         self._store_own(new, add=True)
         await self._announce(new, wire.OP_ADD)
@@ -617,6 +627,7 @@ class P2PNode:
         """
         ok, result = False, None
         with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout) as scope:
+            self._exchanges.add(scope)
             for _attempt in range(2):
                 stream = self._streams.take(peer, protocol) if reuse else None
                 pooled = stream is not None
@@ -632,6 +643,7 @@ class P2PNode:
                     await self._finish(stream, ok)
                 if ok or not pooled:
                     break
+        self._exchanges.discard(scope)
         if scope.cancelled_caught:
             self.counters.exchange_timeouts += 1
             self._streams.drop(peer)
@@ -766,6 +778,8 @@ class P2PNode:
 
         def offer(info: PeerInfo) -> bool:
             nonlocal found
+            if provider_ip(info) is None:
+                return found >= limit  # no address a registry client could use
             if info.peer_id not in seen and found < limit:
                 seen.add(info.peer_id)
                 if self._is_failed(info.peer_id):
@@ -794,7 +808,7 @@ class P2PNode:
 
         def rank() -> list[ID]:
             # Failing peers last, else closest first; only the `replication` closest known
-            # are worth asking, since that is where records are stored.
+            # are worth asking: that is where records are stored.
             order = sorted(
                 known,
                 key=lambda p: (self._is_failed(p, now), keyspace_point(p.to_bytes()) ^ target),
@@ -803,6 +817,7 @@ class P2PNode:
 
         ranked = rank()
         queried: set[ID] = set()
+        done: set[ID] = set()  # answered or failed, in this lookup
         send, recv = trio.open_memory_channel[tuple[ID, Any]](math.inf)
         inflight = with_providers = quiet = 0
 
@@ -830,11 +845,12 @@ class P2PNode:
             launch(1)
             while inflight:
                 with trio.move_on_after(opts.lookup_hedge_delay) as waited:
-                    _, result = await recv.receive()
+                    peer, result = await recv.receive()
                 if waited.cancelled_caught:
                     launch(min(inflight + 1, opts.lookup_parallel))
                     continue
                 inflight -= 1
+                done.add(peer)
                 if result is None:
                     launch(min(inflight + 1, opts.lookup_parallel))  # replace the failed one
                     continue
@@ -848,11 +864,12 @@ class P2PNode:
                 quiet = quiet + 1 if closest == ranked else 0
                 ranked = closest
                 # A holder returns every provider it stores, so a few holders that answered
-                # tell the whole story (fewer than `limit` exist); a walk that no longer gets
-                # closer has asked the holders (or there are none: a miss).
-                if (
-                    with_providers >= opts.lookup_enough_answers
-                    or quiet >= opts.lookup_quiet_answers
+                # tell the whole story (fewer than `limit` exist). A walk that no longer gets
+                # closer, with the closest few all asked, has met the holders (or there are
+                # none: a miss) without asking all `replication` of them.
+                nearest = ranked[: opts.lookup_quiet_answers]
+                if with_providers >= opts.lookup_enough_answers or (
+                    quiet >= opts.lookup_quiet_answers and all(p in done for p in nearest)
                 ):
                     break
                 launch(opts.lookup_parallel)  # not done: widen, as Kademlia does

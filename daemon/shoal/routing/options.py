@@ -40,6 +40,10 @@ class RoutingOptions:
     announce_frame_timeout: float = 15.0
     announce_parallel: int = 8
     announce_frame_keys: int = 4096
+    # Beyond `replication` nodes, a network walk per keyspace region finds each region's
+    # closest nodes: "auto" walks only once a routing-table bucket has filled up (before
+    # that the table already holds every node), "always" / "never" for tests.
+    announce_region_walks: str = "auto"
     # Inbound: concurrent DHT streams (stock 12), ADD_PROVIDER per peer per 10 s (stock 10),
     # and how long an inbound stream may sit idle before it is reset.
     inbound_streams: int = 128

@@ -133,16 +133,27 @@ class Libp2pRouter:
             raise RuntimeError("router is not running")
         return self._trio
 
+    def _stopped(self) -> bool:
+        """After stop(), calls are no-ops: shutdown need not be ordered around the router."""
+        if self._trio is None and self._node is not None:
+            log.debug("routing already stopped: call ignored")
+            return True
+        return False
+
     # ----------------------------------------------------------------- Router
 
     async def advertise(self, keys: Iterable[str]) -> None:
+        """New keys reach their closest peers before this returns; known ones are refreshed
+        by the router itself every `reannounce_interval`."""
         hashes = [key_multihash(k) for k in keys]
-        if hashes:
+        if hashes and not self._stopped():
             await self._bridge().submit(self._node.advertise, hashes)
 
     async def withdraw(self, keys: Iterable[str]) -> None:
+        """Stops re-announcing and tells the keys' current closest peers to drop this node's
+        records (holders it no longer counts among the closest keep them until the TTL)."""
         hashes = [key_multihash(k) for k in keys]
-        if hashes:
+        if hashes and not self._stopped():
             await self._bridge().submit(self._node.withdraw, hashes)
 
     async def lookup(self, key: str, limit: int = 3) -> AsyncIterator[Peer]:
@@ -150,20 +161,18 @@ class Libp2pRouter:
             yield peer
 
     async def _lookup(self, key: str, limit: int, use_local: bool) -> AsyncIterator[Peer]:
-        if limit <= 0:
+        if limit <= 0 or self._stopped():
             return
         bridge = self._bridge()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         port = self._registry_port
 
-        def emit(info: Any) -> None:  # runs in trio
+        def emit(info: Any) -> None:  # runs in trio; the node only offers usable addresses
             from shoal.routing.node import provider_ip
 
-            ip = provider_ip(info)
-            if ip is not None:
-                peer = Peer(str(info.peer_id), http_hostport(ip, port))
-                loop.call_soon_threadsafe(queue.put_nowait, peer)
+            peer = Peer(str(info.peer_id), http_hostport(str(provider_ip(info)), port))
+            loop.call_soon_threadsafe(queue.put_nowait, peer)
 
         fut = bridge.submit(self._node.find_providers, key_multihash(key), limit, emit, use_local)
         # Settled through call_soon_threadsafe after every emit, so _DONE queues behind them.
