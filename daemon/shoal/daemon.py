@@ -14,7 +14,7 @@ from shoal import logs, metrics
 from shoal.catalog import Catalog
 from shoal.config import Settings
 from shoal.containerd.client import ContainerdClient
-from shoal.fetcher import InFlightSource, UpstreamFetcher
+from shoal.fetcher import InFlightSource, Spooler, UpstreamFetcher
 from shoal.local import LocalSource
 from shoal.nodestore import ContainerdStore
 from shoal.oci.digest import Digest
@@ -114,10 +114,11 @@ class Daemon:
         )
         local = LocalSource(self.store)
         inflight = InFlightSource(self.spool)
+        spooler = Spooler(self.spool, self.router)
 
         def fetcher(delegate: bool) -> UpstreamFetcher:
             return UpstreamFetcher(
-                self.upstream, self.spool, self.router, self.peers, self._me, delegate=delegate
+                self.upstream, spooler, self.router, self.peers, self._me, delegate=delegate
             )
 
         chain = SourceChain(

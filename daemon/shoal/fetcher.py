@@ -3,8 +3,9 @@
 Three parts make a rollout on N nodes cost about one upstream download per blob:
 
 1. Single flight on a node: a Spool keeps one Fetch per digest; every request joins it.
-2. In-flight sharing: a node advertises a digest the moment its fetch starts, and serves the
-   bytes received so far to anyone (InFlightSource), so later misses find it through the DHT.
+2. In-flight sharing: a node advertises a digest the moment its upstream fetch starts, and
+   serves the bytes received so far to anyone (InFlightSource, by sendfile() as they land), so
+   later misses find it through the DHT.
 3. A designated fetcher per digest: nodes that miss a digest at the same moment (before any
    advertisement can help) all pick the same node by rendezvous hashing of the digest over the
    cluster members they know, and ask that node to fetch (FETCH_HEADER). It fetches once and
@@ -51,7 +52,37 @@ class InFlightSource:
 
     async def find(self, ref: Reference, digest: Digest, kind: str) -> Blob | None:
         fetch = self.spool.get(digest)
-        return None if fetch is None else SpoolBlob(fetch)
+        return None if fetch is None else SpoolBlob(fetch, self.name)
+
+
+class Spooler:
+    """Copies blobs found elsewhere through the spool: each is fetched once on this node,
+    advertised while it arrives, and served by sendfile() to containerd and to peers."""
+
+    def __init__(self, spool: Spool, router: Router) -> None:
+        self.spool = spool
+        self.router = router
+        self._background: set[asyncio.Future[None]] = set()
+
+    def running(self, digest: Digest, source: str) -> Blob | None:
+        fetch = self.spool.get(digest)
+        return None if fetch is None else SpoolBlob(fetch, source)
+
+    async def copy(self, digest: Digest, blob: Blob) -> Blob:
+        fetch = self.spool.start(digest, blob)
+        if fetch is None:
+            log.warning("spool full: %s streams from %s unshared", digest, blob.source)
+            return blob
+        if fetch.task is not None:
+            fetch.task.add_done_callback(lambda _: self._withdraw_if_failed(fetch))
+        await self.router.advertise([str(digest)])  # peers find it while it arrives
+        return SpoolBlob(fetch, blob.source)
+
+    def _withdraw_if_failed(self, fetch: Fetch) -> None:
+        if fetch.error is not None:
+            task = asyncio.ensure_future(self.router.withdraw([str(fetch.digest)]))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
 
 class UpstreamFetcher:
@@ -62,7 +93,7 @@ class UpstreamFetcher:
     def __init__(
         self,
         upstream: UpstreamSource,
-        spool: Spool,
+        spooler: Spooler,
         router: Router,
         peers: PeerSource,
         me: Callable[[], Peer | None],
@@ -70,12 +101,11 @@ class UpstreamFetcher:
         delegate: bool,
     ) -> None:
         self.upstream = upstream
-        self.spool = spool
+        self.spooler = spooler
         self.router = router
         self.peers = peers
         self.me = me
         self.delegate = delegate
-        self._background: set[asyncio.Future[None]] = set()
 
     async def resolve(self, ref: Reference) -> Descriptor | None:
         return await self.upstream.resolve(ref)
@@ -85,30 +115,17 @@ class UpstreamFetcher:
             return None  # not mirrored: containerd goes to the registry itself
         if kind == "manifest":
             return await self.upstream.find(ref, digest, kind)
-        fetch = self.spool.get(digest)
-        if fetch is not None:
-            return SpoolBlob(fetch)
+        running = self.spooler.running(digest, self.name)
+        if running is not None:
+            return running
         if self.delegate:
+            # Streamed straight through: spooling a second copy on every node cost more disk
+            # and CPU than it saved (bench/rollout.py).
             blob = await self._via_designated(ref, digest)
             if blob is not None:
                 return blob
         source = await self.upstream.find(ref, digest, kind)
-        if source is None:
-            return None
-        fetch = self.spool.start(digest, source)
-        if fetch is None:
-            log.warning("spool full: %s streams from upstream unshared", digest)
-            return source
-        await self.router.advertise([str(digest)])  # peers find it while it arrives
-        if fetch.task is not None:
-            fetch.task.add_done_callback(lambda _: self._withdraw_if_failed(fetch))
-        return SpoolBlob(fetch)
-
-    def _withdraw_if_failed(self, fetch: Fetch) -> None:
-        if fetch.error is not None:
-            task = asyncio.ensure_future(self.router.withdraw([str(fetch.digest)]))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        return None if source is None else await self.spooler.copy(digest, source)
 
     async def _via_designated(self, ref: Reference, digest: Digest) -> Blob | None:
         me = self.me()

@@ -95,6 +95,32 @@ class Fetch:
         if held is not None:
             yield held
 
+    async def regions(self, start: int, end: int) -> AsyncIterator[tuple[int, int]]:
+        """(offset, length) pieces of [start, end) as they land in the file, for sendfile();
+        like read(), the last piece only once the whole blob matched its digest."""
+        pos = start
+        while pos < end:
+            async with self._progress:
+                while self.written <= pos and not self.done:
+                    await self._progress.wait()
+                available, error = self.written, self.error
+            if error is not None:
+                raise FetchFailed(f"upstream fetch of {self.digest} failed: {error!r}")
+            if available <= pos:
+                raise FetchFailed(f"{self.digest} ended at {available} of {self.size}")
+            stop = min(end, available)
+            if stop == end:
+                break
+            yield pos, stop - pos
+            pos = stop
+        async with self._progress:
+            while not self.done:
+                await self._progress.wait()
+        if self.error is not None:
+            raise FetchFailed(f"upstream fetch of {self.digest} failed: {self.error!r}")
+        if pos < end:
+            yield pos, end - pos
+
     async def _follow(self, start: int, end: int) -> AsyncIterator[bytes]:
         pos = start
         fd = -1
@@ -140,7 +166,7 @@ class SpoolBlob:
     """
 
     fetch: Fetch
-    source: str = "upstream"
+    source: str
     verified: bool = True
 
     @property

@@ -84,7 +84,10 @@ def test_upstream_first_tags_and_offline_fallback(world: World) -> None:
     mark = world.registry.mark()
     u1.containerd.pull(ref)  # through shoal: nothing on any node, so shoal fetches upstream
     assert u1.containerd.images()[ref] == old.digest
-    assert u1.metric("shoal_requests_total", source="upstream", kind="blob") >= 3
+    # Each blob came from upstream once, through whichever node was designated to fetch it.
+    fetched = sum(n.metric("shoal_requests_total", source="upstream", kind="blob")
+                  for n in world.nodes)  # fmt: skip
+    assert fetched >= 3
     assert world.registry.requests(since=mark)  # shoal, not containerd, talked to it
     wait_until(lambda: u1.ns.ip in u2.providers(f"{world.registry.host}/tags/app:v1"), 30,
                "u1 advertises the tag")  # fmt: skip
@@ -126,7 +129,7 @@ def test_bearer_token_flow_through_shoal(world: World) -> None:
     u2.containerd.pull(ref)
     assert u2.containerd.images()[ref] == image.digest
     assert len(world.silly.token_server.requests()) > before  # shoal fetched a token
-    assert u2.metric("shoal_requests_total", source="upstream") >= 3
+    assert sum(n.metric("shoal_requests_total", source="upstream") for n in world.nodes) >= 3
 
 
 def test_ns_outside_allow_list_makes_no_connection(world: World) -> None:

@@ -3,12 +3,17 @@
 Everything here runs in the router's trio thread; `shoal.routing.p2p.Libp2pRouter` is the asyncio
 face. Two paths replace the stock ones (see shared notes, p2p-facts.md):
 
-* announce: for each key the `replication` closest known peers are computed locally, and each
-  target peer gets one stream with all of its keys (`shoal.routing.wire`), written straight into
-  its provider store. New keys go out at once, newly seen peers get their share within a tick,
-  and everything is re-sent every `reannounce_interval`.
-* lookup: GET_PROVIDERS to the closest peers, `lookup_parallel` at a time with a per-peer
-  deadline, stopping at `limit` providers, deduplicated, never written back into the store.
+* announce: for each key the `replication` closest nodes are computed locally (from the routing
+  table; beyond `replication` nodes, from one FIND_NODE walk per keyspace region), and each
+  target gets all of its keys over one stream (`shoal.routing.wire`), written straight into its
+  provider store. New keys go out at once, peers new to us get their share within a tick, and
+  everything is re-sent every `reannounce_interval` so records (TTL `record_ttl`) stay alive.
+* lookup: GET_PROVIDERS to the closest peers, one first then up to `lookup_parallel` (hedged,
+  per-peer deadline), stopping at `limit` providers or once a few holders answered; results
+  are deduplicated and never written back into the store (stale records must expire).
+
+Every stream exchange runs shielded under its own deadline, on pooled streams, because
+cancelling libp2p I/O half-way breaks the connection (see `_exchange`).
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ log = logging.getLogger(__name__)
 MAX_DHT_RESPONSE = 4 * 1024 * 1024
 
 T = TypeVar("T")
+
+TIMED_OUT = object()  # a lookup query that hit its deadline (as opposed to failing outright)
 
 
 @dataclass
@@ -489,7 +496,9 @@ class P2PNode:
                 for peer in await self._region_peers(bits, region, region_keys[0]):
                     points.setdefault(peer, keyspace_point(peer.to_bytes()))
             items = list(points.items())
-            for key in region_keys:
+            for n, key in enumerate(region_keys, 1):
+                if n % 512 == 0:
+                    await trio.lowlevel.checkpoint()  # thousands of keys: let others run
                 target = keyspace_point(key)
                 for peer, _ in heapq.nsmallest(r, items, key=lambda item: item[1] ^ target):
                     if peer != self.peer_id:
@@ -818,6 +827,8 @@ class P2PNode:
         ranked = rank()
         queried: set[ID] = set()
         done: set[ID] = set()  # answered or failed, in this lookup
+        slow: list[ID] = []  # timed out, in this lookup
+        retried = False
         send, recv = trio.open_memory_channel[tuple[ID, Any]](math.inf)
         inflight = with_providers = quiet = 0
 
@@ -851,8 +862,16 @@ class P2PNode:
                     continue
                 inflight -= 1
                 done.add(peer)
-                if result is None:
+                if result is TIMED_OUT:
+                    slow.append(peer)
+                if result is None or result is TIMED_OUT:
                     launch(min(inflight + 1, opts.lookup_parallel))  # replace the failed one
+                    if not inflight and found == 0 and slow and not retried:
+                        # Everyone asked timed out: more likely this node stalled (a busy
+                        # machine) than the whole cluster; ask those once more.
+                        retried = True
+                        queried.difference_update(slow)
+                        launch(opts.lookup_parallel)
                     continue
                 providers, closer = result
                 if any(offer(info) for info in providers):
@@ -883,8 +902,9 @@ class P2PNode:
             found += 1
         return found
 
-    async def _get_providers(self, peer: ID, key: bytes) -> tuple[list[PeerInfo], list[ID]] | None:
-        """One GET_PROVIDERS exchange within the per-peer deadline; None on any failure."""
+    async def _get_providers(self, peer: ID, key: bytes) -> Any:
+        """One GET_PROVIDERS exchange within the per-peer deadline: (providers, closer peers),
+        TIMED_OUT, or None on any other failure."""
         self.counters.lookup_queries += 1
         request = Message()
         request.type = Message.MessageType.GET_PROVIDERS
@@ -908,7 +928,7 @@ class P2PNode:
         if not ok:
             self.counters.lookup_query_failures += 1
             self._mark_failed(peer, timed_out)
-            return None
+            return TIMED_OUT if timed_out else None
         self._mark_ok(peer)
         return self._parse_providers(response)
 
