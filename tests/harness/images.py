@@ -306,7 +306,10 @@ def large_image(
     total = total_mib * 1024 * 1024
     sizes = [total // layers] * layers
     sizes[-1] += total - sum(sizes)
-    specs: list[LayerSpec] = [rng.randbytes(n) for n in sizes]
+    piece = 64 * 1024 * 1024  # randbytes() cannot make 256 MiB at once
+    specs: list[LayerSpec] = [
+        b"".join(rng.randbytes(min(piece, n - i)) for i in range(0, n, piece)) for n in sizes
+    ]
     return _build_image(name or f"large-{total_mib}m-{seed}", specs, arch=host_arch(), gzip_level=0)
 
 

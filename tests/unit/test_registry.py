@@ -262,3 +262,18 @@ async def test_local_files_are_verified_before_completion(tmp_path) -> None:
                 await get({})
     finally:
         await server.close()
+
+
+def test_byte_cache_is_bounded_and_least_recently_used_goes_first() -> None:
+    from shoal.registry.app import ByteCache
+
+    cache = ByteCache(10)
+    a, b, c = (Digest.of(bytes([i])) for i in range(3))
+    cache.put(a, b"aaaa")
+    cache.put(b, b"bbbb")
+    assert cache.get(a) == b"aaaa"  # a is now the most recent
+    cache.put(c, b"cccc")  # 12 bytes > 10: b, the least recent, goes
+    assert cache.get(b) is None and cache.get(a) == b"aaaa" and cache.get(c) == b"cccc"
+    assert cache.size == 8
+    cache.put(Digest.of(b"big"), b"x" * 11)  # larger than the whole cache: not kept
+    assert cache.size == 8

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -84,6 +85,8 @@ class Registry:
     def __init__(self, chain: SourceChain) -> None:
         self.chain = chain
         self.verifier = FileVerifier()
+        # Verified bytes of manifests the node holds; used only while the node still has them.
+        self.verified_manifests = ByteCache(64 * 1024 * 1024)
 
     # -- lookups ---------------------------------------------------------------------------------
 
@@ -114,12 +117,16 @@ class Registry:
             blob = await source.find(ref, digest, "manifest")
             if blob is None or blob.size > MAX_MANIFEST_BYTES:
                 continue
-            try:
-                parts = [c async for c in verified_chunks(blob, digest, 0, blob.size)]
-            except (TimeoutError, DigestMismatch, OSError, ConnectionError) as exc:
-                log.warning("manifest %s from %s unusable: %s", digest, source.name, exc)
-                continue
-            body = b"".join(parts)
+            body = self.verified_manifests.get(digest) if blob.source == "local" else None
+            if body is None:
+                try:
+                    parts = [c async for c in verified_chunks(blob, digest, 0, blob.size)]
+                except (TimeoutError, DigestMismatch, OSError, ConnectionError) as exc:
+                    log.warning("manifest %s from %s unusable: %s", digest, source.name, exc)
+                    continue
+                body = b"".join(parts)
+                if blob.source == "local":
+                    self.verified_manifests.put(digest, body)
             media_type = manifest_media_type(body, hint)
             if media_type is None:
                 break  # content exists but is no manifest
@@ -290,6 +297,31 @@ class Registry:
             tail = await asyncio.to_thread(os.pread, fobj.fileno(), HOLD_BACK, end - HOLD_BACK)
             await resp.write(tail)
             await resp.write_eof()
+
+
+class ByteCache:
+    """Least-recently-used content by digest, bounded in bytes. It holds verified bytes
+    themselves, never a claim about a file, so serving from it serves what was checked."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._items: OrderedDict[Digest, bytes] = OrderedDict()
+
+    def get(self, digest: Digest) -> bytes | None:
+        body = self._items.get(digest)
+        if body is not None:
+            self._items.move_to_end(digest)
+        return body
+
+    def put(self, digest: Digest, body: bytes) -> None:
+        if digest in self._items or len(body) > self.max_bytes:
+            return
+        self._items[digest] = body
+        self.size += len(body)
+        while self.size > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.size -= len(old)
 
 
 class NameUnknownPath(RegistryError):
