@@ -1,18 +1,21 @@
-"""A local multi-node demo of shoal on real parts: a registry, containerd nodes, shoal daemons.
+"""A local multi-node demo of shoal on real parts: a registry, three nodes, a pull served by peers.
 
-1. A docker-registry holds a test image (built offline, pushed with skopeo).
-2. Node 1's containerd pulls it from the registry.
+Each node is a network namespace with its own address, its own containerd and its own shoal;
+`shoal configure` points the node's containerd at its local shoal. The shoals find each other
+over their libp2p DHT.
+
+1. A docker-registry holds a 3-layer test image (built offline, pushed with skopeo).
+2. Node 1's containerd pulls it through its shoal, which fetches it from the registry once.
 3. The registry is stopped.
-4. Node 2's containerd, its hosts.toml written by `shoal configure`, pulls the same image through
-   shoal. Every byte comes from node 1's content store, verified against its digest on the way.
+4. Nodes 2 and 3 pull the same image through their own shoal, which finds node 1 (and then
+   each other) in the DHT and streams from it, verifying every byte against its digest.
 
-Run it with `sudo ./scripts/demo` (installs what is missing first). Everything stays on loopback;
-every process stops at the end.
+Run it with `sudo ./scripts/demo` (installs what is missing first). Traffic stays inside network
+namespaces the demo creates; every process and namespace is removed at the end.
 """
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,57 +24,75 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.harness import images
-from tests.harness.containerd import ContainerdNode
+from tests.harness.cluster import Cluster, Node, wait_until
+from tests.harness.netns import Network
 from tests.harness.procs import stop_all
 from tests.harness.registry import Registry
-from tests.harness.shoal import ShoalDaemon
 
 
 def say(text: str) -> None:
     print(f"\n==> {text}", flush=True)
 
 
+def served(node: Node, source: str) -> tuple[int, float]:
+    count = node.metric("shoal_requests_total", source=source)
+    return int(count), node.metric("shoal_bytes_served_total", source=source) / 1e6
+
+
 def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="shoal-demo-"))
+    net = Network("demo").create()
     try:
-        say("starting docker-registry (upstream) and pushing a 3-layer test image")
-        registry = Registry(base / "registry").start()
+        say("starting docker-registry and pushing a 3-layer test image")
+        reg_ns = net.add("registry")
+        registry = Registry(base / "registry", host_ip=reg_ns.ip, netns=reg_ns.name).start()
         image = images.large_image(48, layers=3, seed=1, name="demo")
         ref = images.push(image, registry, "demo/app", "v1")
         print(f"    {ref}  ({image.total_size / 1e6:.1f} MB, manifest {image.digest[:19]}…)")
 
-        say("node 1: containerd pulls the image straight from the registry")
-        node1 = ContainerdNode("node1", base / "node1").start()
-        node1.pull(ref, via_hosts=False, plain_http=True)
-        shoal1 = ShoalDaemon(node1, extra_args=["--log-level", "info"]).start()
-        print(f"    node 1 holds {len(node1.content_digests())} blobs; its shoal: {shoal1.url}")
+        say("three nodes, each with its own address, containerd and shoal")
+        mirrored = ["--mirror-registries", registry.host, "--upstream-insecure", registry.host]
+        cluster = Cluster(net, base, registry, shoal_args=mirrored)
+        for i in range(3):
+            cluster.add_node(f"node{i + 1}")
+        for node in cluster.nodes:
+            cluster.start_shoal(node)
+        cluster.wait_connected()
+        n1, n2, n3 = cluster.nodes
+        for node in cluster.nodes:
+            print(f"    {node.ns.short_name}: {node.ns.ip}, peer ID {node.peer_id()[:20]}…")
+        print("    node 2's hosts.toml, written by `shoal configure`:")
+        print((n2.containerd.hosts_dir / registry.host / "hosts.toml").read_text().rstrip())
+
+        say("node 1 pulls the image: shoal fetches each blob from the registry once")
+        n1.containerd.pull(ref)
+        fetched = [served(node, "upstream") for node in cluster.nodes]
+        print(f"    the shoals served {sum(c for c, _ in fetched)} responses "
+              f"({sum(mb for _, mb in fetched):.1f} MB) fetched from upstream")  # fmt: skip
+        layer = image.layers[0].digest
+        wait_until(lambda: n1.ns.ip in n2.providers(layer), 30, "node 1 advertised its layers")
 
         say("stopping the registry: from now on it cannot serve a single byte")
         registry.stop()
 
-        say("node 2: `shoal configure` points containerd at shoal, then containerd pulls")
-        node2 = ContainerdNode("node2", base / "node2").start()
-        subprocess.run(
-            [sys.executable, "-m", "shoal.cli", "configure", "--hosts-dir", str(node2.hosts_dir),
-             "--mirror", shoal1.url, "--registry", f"{registry.host}=http://{registry.host}"],
-            check=True,
-        )  # fmt: skip
-        print((node2.hosts_dir / registry.host / "hosts.toml").read_text().rstrip())
-        started = time.monotonic()
-        node2.pull(ref)
-        took = time.monotonic() - started
-        same = all(node2.read_blob(d) == node1.read_blob(d) for d in image.blobs)
-        print(f"    pulled {ref} in {took:.2f} s; byte-identical to node 1: {same}")
-
-        say("where node 2's bytes came from (shoal's own metrics)")
-        for kind in ("manifest", "blob"):
-            n = shoal1.metric("shoal_requests_total", source="local", kind=kind)
-            print(f"    {kind}s served from node 1's containerd store: {n:.0f}")
-        print(f"    bytes served: {shoal1.metric('shoal_bytes_served_total') / 1e6:.1f} MB; "
-              "registry: stopped, 0 bytes")  # fmt: skip
-        return 0 if same else 1
+        for node in (n2, n3):
+            say(f"{node.ns.short_name} pulls the image through its own shoal")
+            started = time.monotonic()
+            node.containerd.pull(ref)
+            took = time.monotonic() - started
+            same = all(node.containerd.read_blob(d) == n1.containerd.read_blob(d)
+                       for d in image.blobs)  # fmt: skip
+            count, mb = served(node, "peer")
+            print(f"    pulled in {took:.2f} s, byte-identical to node 1: {same}")
+            print(f"    its shoal served {count} responses ({mb:.1f} MB) streamed from peers")
+            if not same:
+                return 1
+        say("who holds the first layer now (from the DHT)")
+        print(f"    {n3.ns.short_name} sees providers: {', '.join(n3.providers(layer))}")
+        return 0
     finally:
         stop_all()
+        net.destroy()
 
 
 if __name__ == "__main__":
