@@ -113,8 +113,8 @@ class Daemon:
             root,
         )
         local = LocalSource(self.store)
-        inflight = InFlightSource(self.spool)
         spooler = Spooler(self.spool, self.router)
+        inflight = InFlightSource(spooler)
 
         def fetcher(delegate: bool) -> UpstreamFetcher:
             return UpstreamFetcher(

@@ -44,15 +44,14 @@ class InFlightSource:
 
     name = "inflight"
 
-    def __init__(self, spool: Spool) -> None:
-        self.spool = spool
+    def __init__(self, spooler: Spooler) -> None:
+        self.spooler = spooler
 
     async def resolve(self, ref: Reference) -> Descriptor | None:
         return None
 
     async def find(self, ref: Reference, digest: Digest, kind: str) -> Blob | None:
-        fetch = self.spool.get(digest)
-        return None if fetch is None else SpoolBlob(fetch, self.name)
+        return self.spooler.running(digest)
 
 
 class Spooler:
@@ -64,9 +63,9 @@ class Spooler:
         self.router = router
         self._background: set[asyncio.Future[None]] = set()
 
-    def running(self, digest: Digest, source: str) -> Blob | None:
+    def running(self, digest: Digest) -> Blob | None:
         fetch = self.spool.get(digest)
-        return None if fetch is None else SpoolBlob(fetch, source)
+        return None if fetch is None else SpoolBlob(fetch, fetch.origin)
 
     async def copy(self, digest: Digest, blob: Blob) -> Blob:
         fetch = self.spool.start(digest, blob)
@@ -115,7 +114,7 @@ class UpstreamFetcher:
             return None  # not mirrored: containerd goes to the registry itself
         if kind == "manifest":
             return await self.upstream.find(ref, digest, kind)
-        running = self.spooler.running(digest, self.name)
+        running = self.spooler.running(digest)
         if running is not None:
             return running
         if self.delegate:

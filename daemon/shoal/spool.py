@@ -36,10 +36,11 @@ class FetchFailed(ConnectionError):
 
 
 class Fetch:
-    def __init__(self, digest: Digest, size: int, path: Path) -> None:
+    def __init__(self, digest: Digest, size: int, path: Path, origin: str = "upstream") -> None:
         self.digest = digest
         self.size = size
         self.path = path
+        self.origin = origin  # where the bytes come from, for metrics
         self.written = 0
         self.done = False
         self.error: BaseException | None = None
@@ -217,7 +218,8 @@ class Spool:
         self._evict()
         if self.used + source.size > self.max_bytes:
             return None
-        fetch = Fetch(digest, source.size, self.dir / f"{digest.algorithm}-{digest.hex}")
+        path = self.dir / f"{digest.algorithm}-{digest.hex}"
+        fetch = Fetch(digest, source.size, path, source.source)
         self.fetches[digest] = fetch
         fetch.task = asyncio.create_task(self._run(fetch, source), name=f"fetch {digest}")
         return fetch
