@@ -86,9 +86,11 @@ class CutProxy:
                 if key in up.headers:
                     resp.headers[key] = up.headers[key]  # fmt: skip
             await resp.prepare(request)
+            # Only a body longer than the cut point can be cut (a small config blob is not).
             cut = (
                 request.method == "GET" and self.cuts > 0 and up.status == 200
                 and re.search(self.cut_path, request.path) is not None
+                and int(up.headers.get("Content-Length", "0")) > self.cut_after
             )  # fmt: skip
             if cut:
                 self.cuts -= 1
@@ -98,7 +100,6 @@ class CutProxy:
                 if cut and sent + len(chunk) >= self.cut_after:
                     await resp.write(chunk[: self.cut_after - sent])
                     # abort() drops unsent buffers: let the cut-off prefix reach the client.
-                    await resp.drain()
                     await asyncio.sleep(0.3)
                     assert request.transport is not None
                     request.transport.abort()

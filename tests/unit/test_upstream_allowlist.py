@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -17,16 +16,9 @@ from tests.unit.test_upstream_fakes import (
     RecordingResolver,
     Servers,
     add_image,
-    open_servers,
     ref,
     source,
 )
-
-
-@pytest.fixture
-async def servers() -> AsyncIterator[Servers]:
-    async for s in open_servers():
-        yield s
 
 
 def test_docker_hub_and_https_defaults() -> None:

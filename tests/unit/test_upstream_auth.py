@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,30 +17,15 @@ from shoal.upstream.auth import token_lifetime
 from shoal.upstream.challenge import Challenge, parse_challenges, pick
 from shoal.upstream.credentials import Credentials, parse_config, registry_key
 from tests.unit.test_upstream_fakes import (
+    Clock,
     Servers,
     add_image,
     basic,
-    open_servers,
     read_all,
     ref,
     source,
     write_config,
 )
-
-
-@pytest.fixture
-async def servers() -> AsyncIterator[Servers]:
-    async for s in open_servers():
-        yield s
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 # --- parsing ---------------------------------------------------------------------------------
 

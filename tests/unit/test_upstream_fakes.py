@@ -339,6 +339,16 @@ class Servers:
         return [s for server in self._all for s in server.seen]
 
 
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def open_servers() -> AsyncIterator[Servers]:
     servers = Servers()
     try:
@@ -434,12 +444,6 @@ async def read_all(blob: Any, start: int = 0, end: int | None = None) -> bytes:
 
 
 # --- the fakes themselves ------------------------------------------------------------------
-
-
-@pytest.fixture
-async def servers() -> AsyncIterator[Servers]:
-    async for s in open_servers():
-        yield s
 
 
 async def test_fake_registry_challenges_and_accepts_only_its_tokens(servers: Servers) -> None:

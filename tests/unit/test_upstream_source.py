@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -22,29 +21,14 @@ from shoal.upstream import (
 )
 from shoal.upstream.manifests import get_manifest
 from tests.unit.test_upstream_fakes import (
+    Clock,
     Servers,
     add_image,
-    open_servers,
     read_all,
     ref,
     source,
     status,
 )
-
-
-@pytest.fixture
-async def servers() -> AsyncIterator[Servers]:
-    async for s in open_servers():
-        yield s
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 # --- tags ------------------------------------------------------------------------------------
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,6 @@ from tests.unit.test_upstream_fakes import (
     Servers,
     add_image,
     basic,
-    open_servers,
     read_all,
     ref,
     source,
@@ -33,12 +31,6 @@ from tests.unit.test_upstream_fakes import (
     status,
     write_config,
 )
-
-
-@pytest.fixture
-async def servers() -> AsyncIterator[Servers]:
-    async for s in open_servers():
-        yield s
 
 
 def test_retry_after_values() -> None:

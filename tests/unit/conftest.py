@@ -1,0 +1,16 @@
+"""Fixtures shared by the unit tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.unit.test_upstream_fakes import Servers, open_servers
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[Servers]:
+    """Fake registries, a token server and a CDN on 127.0.0.1 (see test_upstream_fakes)."""
+    async for s in open_servers():
+        yield s
