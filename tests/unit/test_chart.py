@@ -156,6 +156,17 @@ def rendered(request: pytest.FixtureRequest, chart: helm.Chart) -> tuple[str, li
     return request.param, render(chart, VALUE_SETS[request.param])
 
 
+MANAGED_SETS = sorted(
+    name for name, v in VALUE_SETS.items() if v.get("hostsConfig", {}).get("enabled", True)
+)
+
+
+@pytest.fixture(scope="module", params=MANAGED_SETS)
+def rendered_managed(request: pytest.FixtureRequest, chart: helm.Chart) -> tuple[str, list[dict]]:
+    """The value sets in which the chart manages containerd's hosts directory."""
+    return request.param, render(chart, VALUE_SETS[request.param])
+
+
 # --- shoal's parser ----------------------------------------------------------------------------
 
 
@@ -296,13 +307,11 @@ def tree(root: Path) -> dict[str, bytes | None]:
 
 
 def test_configure_then_prestop_cleanup_restores_the_hosts_dir(
-    rendered: tuple[str, list[dict]], tmp_path: Path
+    rendered_managed: tuple[str, list[dict]], tmp_path: Path
 ) -> None:
     """Runs the init container's and the preStop hook's commands against a scratch directory."""
-    _, docs = rendered
+    _, docs = rendered_managed
     c = containers(docs)
-    if "configure" not in c:
-        pytest.skip("hosts.toml not managed in this values set")
     hosts = tmp_path / "certs.d"
     (hosts / "docker.io").mkdir(parents=True)
     (hosts / "docker.io" / "hosts.toml").write_text(
@@ -390,11 +399,11 @@ def test_default_configure_args(chart: helm.Chart) -> None:
     ]
 
 
-def test_the_mirror_url_reaches_the_registry_listener(rendered: tuple[str, list[dict]]) -> None:
-    _, docs = rendered
+def test_the_mirror_url_reaches_the_registry_listener(
+    rendered_managed: tuple[str, list[dict]],
+) -> None:
+    _, docs = rendered_managed
     parsed = shoal_commands(docs)
-    if "configure" not in parsed:
-        pytest.skip("hosts.toml not managed in this values set")
     port = int(parsed["shoal"].listen.rsplit(":", 1)[1])
     mirror = parsed["configure"].mirror
     assert mirror.endswith(f":{port}")
