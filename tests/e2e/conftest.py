@@ -7,6 +7,7 @@ teardown, also when the test failed, and a session finaliser stops whatever is l
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -120,10 +121,10 @@ def registry(session_tmp: Path) -> Iterator[Upstream]:
 NodeFactory = Callable[..., ContainerdNode]
 
 
-@pytest.fixture
-def node_factory(tmp: Path) -> Iterator[NodeFactory]:
-    """`make(name="node", netns=None, **kwargs) -> ContainerdNode` (started); all of them are
-    stopped at teardown. `netns` takes a Namespace or an `ip netns` name."""
+@contextlib.contextmanager
+def node_pool(tmp: Path) -> Iterator[NodeFactory]:
+    """`make(name="node", netns=None, **kwargs) -> ContainerdNode` (started); every node made
+    is stopped when the block ends. `netns` takes a Namespace or an `ip netns` name."""
     require_binaries("containerd", "ctr")
     nodes: list[ContainerdNode] = []
 
@@ -133,9 +134,18 @@ def node_factory(tmp: Path) -> Iterator[NodeFactory]:
         nodes.append(node)
         return node.start()
 
-    yield make
-    for node in reversed(nodes):
-        node.cleanup()
+    try:
+        yield make
+    finally:
+        for node in reversed(nodes):
+            node.cleanup()
+
+
+@pytest.fixture
+def node_factory(tmp: Path) -> Iterator[NodeFactory]:
+    """node_pool() for one test: its nodes are stopped at teardown, also when it fails."""
+    with node_pool(tmp) as make:
+        yield make
 
 
 @pytest.fixture

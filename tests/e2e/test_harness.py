@@ -18,7 +18,7 @@ from tests.harness.netns import Network, cleanup_leftovers
 from tests.harness.registry import Registry, http_request
 from tests.harness.upstream import Upstream
 
-from .conftest import NodeFactory, require_binaries
+from .conftest import NodeFactory, node_pool, require_binaries
 
 
 def _gone(pid: int) -> bool:
@@ -141,24 +141,15 @@ def test_large_image_push_and_pull(registry: Upstream, node_factory: NodeFactory
 
 # --- process hygiene ---------------------------------------------------------------------
 
-_started: dict[str, int] = {}
 
-
-def test_processes_recorded_for_teardown(
-    registry: Upstream, node_factory: NodeFactory, tmp: Path
-) -> None:
-    node = node_factory("a")
-    other = node_factory("b")
-    assert node.proc is not None and other.proc is not None
-    _started.update(a=node.proc.pid, b=other.proc.pid)
-    assert {p.pid for p in procs.running()} >= set(_started.values())
-
-
-def test_node_factory_stopped_previous_nodes() -> None:
-    if not _started:
-        pytest.skip("runs after test_processes_recorded_for_teardown")
-    assert all(_gone(pid) for pid in _started.values())
-    assert not {p.pid for p in procs.running()} & set(_started.values())
+def test_node_pool_stops_every_node_it_made(registry: Upstream, tmp: Path) -> None:
+    with node_pool(tmp) as make:
+        node, other = make("a"), make("b")
+        assert node.proc is not None and other.proc is not None
+        started = {node.proc.pid, other.proc.pid}
+        assert {p.pid for p in procs.running()} >= started
+    assert all(_gone(pid) for pid in started)
+    assert not {p.pid for p in procs.running()} & started
 
 
 def test_stop_escalates_to_sigkill(tmp: Path) -> None:
