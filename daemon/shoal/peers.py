@@ -78,7 +78,7 @@ class PeerSource:
     # -- Source ----------------------------------------------------------------------------------
 
     async def resolve(self, ref: Reference) -> Descriptor | None:
-        key = ref.tag_key
+        key = ref.image_name  # peers advertise a tag under containerd's image name
         if key is None or self._missed(key):
             return None
         peers = await self._peers(key)

@@ -43,7 +43,3 @@ class Digest:
 
     def matches(self, hasher: hashlib._Hash) -> bool:
         return hasher.hexdigest() == self.hex
-
-
-def is_digest(text: str) -> bool:
-    return ":" in text

@@ -50,21 +50,9 @@ class DigestInvalid(RegistryError):
     status, code = 400, "DIGEST_INVALID"
 
 
-class ManifestInvalid(RegistryError):
-    status, code = 400, "MANIFEST_INVALID"
-
-
 class RangeInvalid(RegistryError):
     status, code = 416, "RANGE_INVALID"
 
 
 class Unsupported(RegistryError):
     status, code = 405, "UNSUPPORTED"
-
-
-class TooManyRequests(RegistryError):
-    status, code = 429, "TOOMANYREQUESTS"
-
-
-class Denied(RegistryError):
-    status, code = 403, "DENIED"

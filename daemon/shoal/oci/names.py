@@ -70,13 +70,6 @@ def _is_hostname(name: str) -> bool:
     return all(_LABEL.match(label) for label in name.split("."))
 
 
-def registry_hostname(host: str) -> str:
-    """The host without its port (containerd's distribution.source labels drop the port)."""
-    if host.startswith("["):
-        return host[: host.index("]") + 1]
-    return host.rsplit(":", 1)[0] if ":" in host else host
-
-
 @dataclass(frozen=True)
 class Reference:
     """What a request names: a repository within a registry, and a tag or a digest."""
@@ -92,11 +85,6 @@ class Reference:
         if self.registry is None or self.tag is None:
             return None
         return f"{self.registry}/{self.repository}:{self.tag}"
-
-    @property
-    def tag_key(self) -> str | None:
-        """The routing key peers advertise a tag under (the same string as the image name)."""
-        return self.image_name
 
 
 def make_reference(ns: str | None, repository: str, reference: str) -> Reference:

@@ -24,6 +24,7 @@ from shoal.oci.errors import (
     BlobUnknown,
     ManifestUnknown,
     NameInvalid,
+    NameUnknown,
     RegistryError,
     Unsupported,
 )
@@ -324,9 +325,7 @@ class ByteCache:
             self.size -= len(old)
 
 
-class NameUnknownPath(RegistryError):
-    status, code = 404, "NAME_UNKNOWN"
-
+class NameUnknownPath(NameUnknown):
     def __init__(self) -> None:
         super().__init__("endpoint not served by this pull-only mirror")
 
