@@ -51,7 +51,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         built: dict[str, images.TestImage] = {
             "small": images.oci_image("p2p-small"),
             "index": images.multiarch_index("p2p-multi"),
-            "large": images.large_image(72, layers=2, seed=11, name="p2p-large"),
+            "large": images.large_image(72, layers=1, seed=11, name="p2p-large"),  # one 72 MiB blob
         }
         refs = {k: images.push(img, registry, f"p2p/{k}", "v1") for k, img in built.items()}
         c = Cluster(net, base, registry, shoal_args=["--resync-interval", str(RESYNC)])
