@@ -5,13 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for bin in containerd ctr docker-registry skopeo ip tc; do
+for bin in containerd ctr docker-registry skopeo ip tc gcc; do
   command -v "$bin" >/dev/null 2>&1 || need+=("$bin")
 done
+# libp2p's fastecdsa is built from source: it needs GMP's headers.
+dpkg -s libgmp-dev >/dev/null 2>&1 || need+=(libgmp-dev)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq containerd docker-registry skopeo iproute2 >/dev/null
+  apt-get install -y -qq containerd docker-registry skopeo iproute2 gcc libgmp-dev >/dev/null
 fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
