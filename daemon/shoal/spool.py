@@ -80,6 +80,26 @@ class Fetch:
     def complete(self) -> bool:
         return self.done and self.error is None
 
+    async def _available_past(self, pos: int) -> int:
+        """Waits until the file holds bytes past `pos`; returns how many it holds."""
+        async with self._progress:
+            while self.written <= pos and not self.done:
+                await self._progress.wait()
+            available, error = self.written, self.error
+        if error is not None:
+            raise FetchFailed(f"upstream fetch of {self.digest} failed: {error!r}")
+        if available <= pos:
+            raise FetchFailed(f"{self.digest} ended at {available} of {self.size}")
+        return available
+
+    async def _verified(self) -> None:
+        """Waits until the fetch is over; raises unless the whole blob matched its digest."""
+        async with self._progress:
+            while not self.done:
+                await self._progress.wait()
+        if self.error is not None:
+            raise FetchFailed(f"upstream fetch of {self.digest} failed: {self.error!r}")
+
     async def read(self, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes [start, end) as they arrive. The last chunk is held back until the whole blob
         has matched its digest, so no read of a bad fetch ever completes."""
@@ -88,11 +108,7 @@ class Fetch:
             if held is not None:
                 yield held
             held = chunk
-        async with self._progress:
-            while not self.done:
-                await self._progress.wait()
-        if self.error is not None:
-            raise FetchFailed(f"upstream fetch of {self.digest} failed: {self.error!r}")
+        await self._verified()
         if held is not None:
             yield held
 
@@ -101,24 +117,12 @@ class Fetch:
         like read(), the last piece only once the whole blob matched its digest."""
         pos = start
         while pos < end:
-            async with self._progress:
-                while self.written <= pos and not self.done:
-                    await self._progress.wait()
-                available, error = self.written, self.error
-            if error is not None:
-                raise FetchFailed(f"upstream fetch of {self.digest} failed: {error!r}")
-            if available <= pos:
-                raise FetchFailed(f"{self.digest} ended at {available} of {self.size}")
-            stop = min(end, available)
+            stop = min(end, await self._available_past(pos))
             if stop == end:
                 break
             yield pos, stop - pos
             pos = stop
-        async with self._progress:
-            while not self.done:
-                await self._progress.wait()
-        if self.error is not None:
-            raise FetchFailed(f"upstream fetch of {self.digest} failed: {self.error!r}")
+        await self._verified()
         if pos < end:
             yield pos, end - pos
 
@@ -127,17 +131,9 @@ class Fetch:
         fd = -1
         try:
             while pos < end:
-                async with self._progress:
-                    while self.written <= pos and not self.done:
-                        await self._progress.wait()
-                    available, error = self.written, self.error
-                if error is not None:
-                    raise FetchFailed(f"upstream fetch of {self.digest} failed: {error!r}")
-                if available <= pos:
-                    raise FetchFailed(f"{self.digest} ended at {available} of {self.size}")
+                want = min(end, await self._available_past(pos)) - pos
                 if fd < 0:
                     fd = await asyncio.to_thread(os.open, self.path, os.O_RDONLY | os.O_CLOEXEC)
-                want = min(end, available) - pos
                 while want > 0:
                     data = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, want), pos)
                     if not data:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -133,3 +134,39 @@ def test_designated_fetcher_is_the_same_for_every_view_order() -> None:
         before = designated(digest, peers)
         if before.id != "12D3KooW3":
             assert designated(digest, without) == before
+
+
+async def test_sendfile_regions_cover_the_range_and_hold_back_a_bad_end(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 1 << 30)
+    source = Trickle(DATA)
+    fetch = spool.start(DIGEST, source)
+    assert fetch is not None
+    regions = asyncio.create_task(collect_regions(fetch.regions(100, len(DATA))))
+    source.release(10)
+    pieces = await regions
+    assert pieces[0][0] == 100 and sum(n for _, n in pieces) == len(DATA) - 100
+    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(pieces))
+
+    bad = bytearray(DATA)
+    bad[5] ^= 1
+    other = Spool(tmp_path / "other", 1 << 30)
+    source = Trickle(bytes(bad))
+    fetch = other.start(DIGEST, source)
+    assert fetch is not None
+    got: list[tuple[int, int]] = []
+
+    async def take() -> None:
+        async for region in fetch.regions(0, len(DATA)):
+            got.append(region)
+
+    task = asyncio.create_task(take())
+    source.release(10)
+    with pytest.raises(FetchFailed):
+        await task
+    assert sum(n for _, n in got) < len(DATA)  # the end never went out
+    await spool.close()
+    await other.close()
+
+
+async def collect_regions(it: AsyncIterator[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [r async for r in it]
