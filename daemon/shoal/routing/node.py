@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 MAX_DHT_RESPONSE = 4 * 1024 * 1024
 
 T = TypeVar("T")
+# Seconds a peer stays a cluster member (for choosing designated fetchers) after last seen.
+MEMBER_TTL = 60.0
 
 TIMED_OUT = object()  # a lookup query that hit its deadline (as opposed to failing outright)
 
@@ -185,6 +187,7 @@ class P2PNode:
         self.dht: KadDHT | None = None
         self.peer_id: ID | None = None
         self.stats = NodeStats()
+        self._seen: dict[str, tuple[str, float]] = {}  # peer ID -> (IP, last seen), see _sample
         self.counters = Counters()
         self._keys: set[bytes] = set()
         self._covered: set[ID] = set()
@@ -376,14 +379,20 @@ class P2PNode:
     def _sample(self) -> None:
         assert self.dht is not None
         store = self.host.get_peerstore()
-        members = []
-        for peer in self.dht.routing_table.get_peer_ids():
+        now = trio.current_time()
+        peers = set(self.dht.routing_table.get_peer_ids()) | set(self.host.get_connected_peers())
+        for peer in peers:
             try:
                 ip = next((i for i in map(_ip_of, store.addrs(peer)) if i), None)
             except Exception:  # the peerstore raises when it has no addresses
                 ip = None
             if ip is not None and not is_unspecified(ip):
-                members.append((str(peer), ip))
+                self._seen[str(peer)] = (ip, now)
+        # Members stay for MEMBER_TTL after last seen: a peer dropped from the routing table for
+        # a moment (a timeout under load) must not change which node fetches a digest.
+        for pid in [p for p, (_, t) in self._seen.items() if now - t > MEMBER_TTL]:
+            del self._seen[pid]
+        members = [(pid, ip) for pid, (ip, _) in self._seen.items()]
         self.stats = NodeStats(
             routing_table=self.dht.routing_table.size(),
             connected=len(self.host.get_connected_peers()),
