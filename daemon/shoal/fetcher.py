@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from shoal.oci.digest import Digest
 from shoal.oci.names import Reference
@@ -74,14 +75,19 @@ class Spooler:
             return blob
         if fetch.task is not None:
             fetch.task.add_done_callback(lambda _: self._withdraw_if_failed(fetch))
-        await self.router.advertise([str(digest)])  # peers find it while it arrives
+        # Peers find it while it arrives. Not awaited: an announcement can take seconds under
+        # load, and the request that started the fetch (maybe a peer's) must not wait for it.
+        self._background_call(self.router.advertise([str(digest)]))
         return SpoolBlob(fetch, blob.source)
 
     def _withdraw_if_failed(self, fetch: Fetch) -> None:
         if fetch.error is not None:
-            task = asyncio.ensure_future(self.router.withdraw([str(fetch.digest)]))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._background_call(self.router.withdraw([str(fetch.digest)]))
+
+    def _background_call(self, call: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(call)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
 
 class UpstreamFetcher:

@@ -166,12 +166,16 @@ class PeerSource:
     ) -> tuple[Peer, aiohttp.ClientResponse] | None:
         """The first peer to answer 200/206, hedging slow ones; its response is released."""
 
+        # A peer asked to fetch from upstream first asks upstream itself: allow it `patience`.
+        timeout = None if patience is None else aiohttp.ClientTimeout(sock_read=patience)
+
         async def ask(peer: Peer) -> aiohttp.ClientResponse:
             resp = await self.session.request(
                 method,
                 self._url(peer, path, ns),
                 headers={PEER_HEADER: "1", **headers},
                 allow_redirects=False,
+                timeout=timeout,
             )
             resp.release()
             if resp.status not in (200, 206):
