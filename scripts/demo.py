@@ -8,7 +8,8 @@ over their libp2p DHT.
 2. Node 1's containerd pulls it through its shoal, which fetches it from the registry once.
 3. The registry is stopped.
 4. Nodes 2 and 3 pull the same image through their own shoal, which finds node 1 (and then
-   each other) in the DHT and streams from it, verifying every byte against its digest.
+   each other) in the DHT and sends containerd there for the layers; the serving shoal verifies
+   every byte against its digest before a response completes.
 
 Run it with `sudo ./scripts/demo` (installs what is missing first). Traffic stays inside network
 namespaces the demo creates; every process and namespace is removed at the end.
@@ -37,6 +38,10 @@ def say(text: str) -> None:
 def served(node: Node, source: str) -> tuple[int, float]:
     count = node.metric("shoal_requests_total", source=source)
     return int(count), node.metric("shoal_bytes_served_total", source=source) / 1e6
+
+
+def to_peers(node: Node) -> float:
+    return node.metric("shoal_bytes_to_peers_total")
 
 
 def main() -> int:
@@ -77,14 +82,19 @@ def main() -> int:
 
         for node in (n2, n3):
             say(f"{node.ns.short_name} pulls the image through its own shoal")
+            before = sum(to_peers(n) for n in cluster.nodes if n is not node)
             started = time.monotonic()
             node.containerd.pull(ref)
             took = time.monotonic() - started
             same = all(node.containerd.read_blob(d) == n1.containerd.read_blob(d)
                        for d in image.blobs)  # fmt: skip
-            count, mb = served(node, "peer")
+            count = node.metric("shoal_requests_total", source="peer")
+            redirected = node.metric("shoal_requests_total", source="peer", code="307")
+            from_peers = sum(to_peers(n) for n in cluster.nodes if n is not node) - before
             print(f"    pulled in {took:.2f} s, byte-identical to node 1: {same}")
-            print(f"    its shoal served {count} responses ({mb:.1f} MB) streamed from peers")
+            print(f"    its shoal found {count:.0f} objects at peers: {redirected:.0f} large blobs"
+                  " by redirecting containerd to the peer, the rest relayed")  # fmt: skip
+            print(f"    peers sent {from_peers / 1e6:.1f} MB for it")
             if not same:
                 return 1
         say("who holds the first layer now (from the DHT)")

@@ -13,6 +13,7 @@ from typing import Any
 
 TAG_POLICIES = ("upstream-first", "peers", "digest-only")
 BOOTSTRAP_MODES = ("none", "static", "dns", "kubernetes")
+PEER_TRANSFERS = ("redirect", "relay")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -80,6 +81,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("upstream_insecure", [], "registries reached over plain HTTP (comma list)", type=_csv),
     Option("resync_interval", 60.0, "seconds between full re-reads of the store", type=float),
     Option("spool_max_bytes", 10 * 1024**3, "bytes the in-flight spool may hold", type=int),
+    Option(
+        "peer_transfer",
+        "redirect",
+        "blob bodies a peer holds: redirect containerd to the peer, or relay them through here",
+        choices=PEER_TRANSFERS,
+    ),
 )
 
 
@@ -110,6 +117,7 @@ class Settings:
     upstream_insecure: list[str]
     resync_interval: float
     spool_max_bytes: int
+    peer_transfer: str
 
     @classmethod
     def defaults(cls, **overrides: Any) -> Settings:

@@ -18,7 +18,7 @@ from shoal.fetcher import InFlightSource, Spooler, UpstreamFetcher
 from shoal.local import LocalSource
 from shoal.nodestore import ContainerdStore
 from shoal.oci.digest import Digest
-from shoal.peers import PeerSource
+from shoal.peers import PeerSettings, PeerSource
 from shoal.registry.app import SourceChain, make_app
 from shoal.routing.base import Peer, Router
 from shoal.routing.factory import make_router
@@ -77,7 +77,9 @@ class Daemon:
             content_root=settings.content_root or None,
         )
         self.router = make_router(settings, split_host_port(settings.listen)[1])
-        self.peers = PeerSource(self.router)
+        self.peers = PeerSource(
+            self.router, PeerSettings(redirect=settings.peer_transfer == "redirect")
+        )
         self.catalog = Catalog(
             self.client,
             self.router,

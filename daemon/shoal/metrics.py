@@ -15,6 +15,11 @@ REQUESTS = Counter(
 BYTES = Counter(
     "shoal_bytes_served_total", "Body bytes served by source", ["source"], registry=REGISTRY
 )
+TO_PEERS = Counter(
+    "shoal_bytes_to_peers_total",
+    "Body bytes served to other nodes (their shoal, or their containerd sent here by a redirect)",
+    registry=REGISTRY,
+)
 DURATION = Histogram(
     "shoal_request_duration_seconds",
     "Time to answer a pull API request (streamed bodies included)",
@@ -35,10 +40,12 @@ VERIFY_FAILURES = Counter(
 )
 
 
-def count(source: str, kind: str, code: int, nbytes: int) -> None:
+def count(source: str, kind: str, code: int, nbytes: int, *, to_peer: bool = False) -> None:
     REQUESTS.labels(source, kind, str(code)).inc()
     if nbytes:
         BYTES.labels(source).inc(nbytes)
+        if to_peer:
+            TO_PEERS.inc(nbytes)
 
 
 def observe(method: str, seconds: float) -> None:

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from shoal.oci.digest import Digest
 from shoal.oci.names import Reference
+
+# Read buffer of the HTTP sources (peers, upstream). aiohttp pauses reading once twice this much
+# is buffered; its 64 KiB default costs a pause and a resume (epoll changes and a wake-up) for
+# every 128 KiB of a fast body.
+READ_BUFSIZE = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,15 @@ class Blob(Protocol):
 
     @property
     def path(self) -> str | None: ...
+
+
+@runtime_checkable
+class Relocatable(Protocol):
+    """A Blob that another node serves: the client may be sent there to fetch it itself."""
+
+    def location(self) -> str | None:
+        """A URL serving these bytes (verified by the node there), or None to relay them here."""
+        ...
 
 
 class Source(Protocol):

@@ -29,6 +29,11 @@ from shoal.sources import Blob
 log = logging.getLogger("shoal.spool")
 
 READ_CHUNK = 1024 * 1024
+# Bytes trickle in from a slow upstream a few KiB at a time. Passing each trickle on costs every
+# hop per piece (a thread hop here, a sendfile per reader, a read and a gRPC write in containerd),
+# so the file grows in batches of up to WRITE_BATCH, each held back at most LINGER seconds.
+WRITE_BATCH = 1024 * 1024
+LINGER = 0.05
 
 
 class FetchFailed(ConnectionError):
@@ -55,11 +60,11 @@ class Fetch:
             os.open, self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
         )
         try:
-            async for chunk in source.open(0, self.size):
+            async for batch in _batched(source.open(0, self.size)):
                 # One worker-thread hop writes and hashes: the event loop stays free.
-                await asyncio.to_thread(_write_all, fd, chunk, self.written, hasher)
+                await asyncio.to_thread(_write_all, fd, batch, self.written, hasher)
                 async with self._progress:
-                    self.written += len(chunk)
+                    self.written += len(batch)
                     self._progress.notify_all()
             if self.written != self.size or not self.digest.matches(hasher):
                 raise FetchFailed(f"{self.digest}: upstream bytes did not match the digest")
@@ -144,6 +149,43 @@ class Fetch:
         finally:
             if fd >= 0:
                 os.close(fd)
+
+
+async def _batched(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Joins chunks up to WRITE_BATCH bytes; what arrived is passed on at most LINGER seconds
+    after its first byte, also while the source stalls."""
+    source = aiter(chunks)
+    parts: list[bytes] = []
+    size, flush_at = 0, 0.0
+    next_chunk: asyncio.Future[bytes] | None = None
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            if next_chunk is None:
+                next_chunk = asyncio.ensure_future(anext(source))
+            wait = max(0.0, flush_at - loop.time()) if parts else None
+            done, _ = await asyncio.wait({next_chunk}, timeout=wait)
+            if done:
+                try:
+                    chunk = next_chunk.result()
+                except StopAsyncIteration:
+                    break
+                finally:
+                    next_chunk = None
+                if not parts:
+                    flush_at = loop.time() + LINGER
+                parts.append(chunk)
+                size += len(chunk)
+            if parts and (size >= WRITE_BATCH or loop.time() >= flush_at):
+                yield parts[0] if len(parts) == 1 else b"".join(parts)
+                parts, size = [], 0
+        if parts:
+            yield b"".join(parts)
+    finally:
+        if next_chunk is not None:
+            next_chunk.cancel()
+            with contextlib.suppress(BaseException):
+                await next_chunk
 
 
 def _write_all(fd: int, data: bytes, offset: int, hasher: hashlib._Hash) -> None:

@@ -118,6 +118,10 @@ def test_serving_peer_killed_mid_blob(cluster: World) -> None:
         puller.join(120)
         proc = result["r"]
         assert proc.returncode == 0, proc.stderr  # type: ignore[attr-defined]
+        # Node 3's shoal sent its containerd to a peer for the layer (a 307), and again, with
+        # Range, after the kill: the resume came back here and went to the survivor.
+        redirects = n3.metric("shoal_requests_total", source="peer", kind="blob", code="307")
+        assert redirects >= 2, redirects
         for digest in cluster.images["large"].blobs:
             survivor = n2 if victim is n1 else n1
             assert n3.containerd.read_blob(digest) == survivor.containerd.read_blob(digest)

@@ -712,6 +712,7 @@ def test_metrics_service_and_service_monitor(chart: helm.Chart) -> None:
 METRICS = {
     "shoal_requests_total": "counter",
     "shoal_bytes_served_total": "counter",
+    "shoal_bytes_to_peers_total": "counter",
     "shoal_request_duration_seconds": "histogram",
     "shoal_peers": "gauge",
     "shoal_advertised_keys": "gauge",

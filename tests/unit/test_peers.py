@@ -10,10 +10,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from yarl import URL
 
 from shoal.local import LocalSource, MemoryStore
 from shoal.peers import PeerSettings, PeerSource
-from shoal.registry.app import PEER_HEADER, SourceChain, make_app
+from shoal.registry.app import PEER_HEADER, PEER_QUERY, SourceChain, make_app
 from shoal.routing import MemoryNetwork, MemoryRouter, Peer
 from tests.unit.test_registry import LAYER, NS, build_image
 
@@ -30,10 +31,18 @@ class Cluster:
         store: MemoryStore | None = None,
         app: web.Application | None = None,
         header_timeout: float = 1.0,
+        redirect: bool = False,
     ) -> tuple[TestServer, MemoryRouter]:
+        """A node; it relays peers' bytes itself unless `redirect` (then even small blobs)."""
         store = store or MemoryStore()
         holder: dict[str, MemoryRouter] = {}
-        settings = PeerSettings(hedge_after=0.1, header_timeout=header_timeout, read_timeout=1.0)
+        settings = PeerSettings(
+            hedge_after=0.1,
+            header_timeout=header_timeout,
+            read_timeout=1.0,
+            redirect=redirect,
+            redirect_min=0,
+        )
         peers = PeerSource(_Counting(holder, self.lookups), settings)
         local = LocalSource(store)
         server = TestServer(app or make_app(SourceChain([local, peers], [local])),
@@ -68,8 +77,13 @@ async def cluster() -> AsyncIterator[Cluster]:
     await c.close()
 
 
-async def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, dict]:
-    async with aiohttp.ClientSession() as s, s.get(url, headers=headers or {}) as resp:
+async def get(
+    url: str, headers: dict[str, str] | None = None, *, follow: bool = True, method: str = "GET"
+) -> tuple[int, bytes, dict]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.request(method, url, headers=headers or {}, allow_redirects=follow) as resp,
+    ):
         return resp.status, await resp.read(), dict(resp.headers)
 
 
@@ -97,6 +111,49 @@ async def test_peer_requests_are_never_forwarded(cluster: Cluster) -> None:
     url = str(b.make_url(f"/v2/team/app/blobs/{image['ldig']}"))
     status, _, _ = await get(url, {PEER_HEADER: "1"})
     assert status == 404  # b lacks it and must not ask a, even though a has it
+    assert str(image["ldig"]) not in cluster.lookups
+
+
+async def test_redirect_sends_the_client_to_the_peer_which_serves_it_itself(
+    cluster: Cluster,
+) -> None:
+    full = MemoryStore()
+    image = build_image(full)
+    a, router_a = await cluster.node("a", full)
+    await router_a.advertise([str(image["ldig"]), str(image["mdig"])])
+    b, _ = await cluster.node("b", redirect=True)
+    url = str(b.make_url(f"/v2/team/app/blobs/{image['ldig']}?ns={NS}"))
+    status, _, headers = await get(url, follow=False)
+    assert status == 307
+    location = URL(headers["Location"])
+    assert (location.host, location.port) == ("127.0.0.1", a.port)
+    assert location.query["ns"] == NS and location.query[PEER_QUERY] == "1"
+    # At the peer, the redirected request is a peer request: answered from its own content.
+    status, body, headers = await get(str(location))
+    assert status == 200 and body == LAYER and headers["X-Shoal-Source"] == "local"
+    # A resumed download comes back with Range; the peer answers it after the redirect.
+    status, body, headers = await get(url, {"Range": "bytes=5-"})
+    assert status == 206 and body == LAYER[5:]
+    assert headers["Content-Range"] == f"bytes 5-{len(LAYER) - 1}/{len(LAYER)}"
+    # HEAD is answered here (no second connection), manifests are relayed.
+    status, _, headers = await get(url, method="HEAD", follow=False)
+    assert status == 200 and int(headers["Content-Length"]) == len(LAYER)
+    murl = str(b.make_url(f"/v2/team/app/manifests/{image['mdig']}?ns={NS}"))
+    status, body, _ = await get(murl, follow=False)
+    assert status == 200 and body == image["manifest"]
+
+
+async def test_a_redirected_request_is_never_forwarded_again(cluster: Cluster) -> None:
+    """A node that lost the blob since it was found there answers 404, never redirects on:
+    containerd then tries its next host instead of following a chain."""
+    full = MemoryStore()
+    image = build_image(full)
+    _, router_a = await cluster.node("a", full)
+    await router_a.advertise([str(image["ldig"])])
+    c, _ = await cluster.node("c", redirect=True)
+    url = str(c.make_url(f"/v2/team/app/blobs/{image['ldig']}?ns={NS}&{PEER_QUERY}=1"))
+    status, body, _ = await get(url, follow=False)
+    assert status == 404 and b"BLOB_UNKNOWN" in body
     assert str(image["ldig"]) not in cluster.lookups
 
 

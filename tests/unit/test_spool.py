@@ -65,6 +65,24 @@ async def test_readers_follow_the_growing_file_and_share_one_fetch(tmp_path: Pat
     await spool.close()
 
 
+async def test_bytes_that_arrived_reach_readers_while_the_source_stalls(tmp_path: Path) -> None:
+    """Small pieces are written in batches; a stall must not keep the ones that came back."""
+    spool = Spool(tmp_path / "spool", 1 << 30, keep_for=0.1)
+    source = Trickle(DATA, chunk=4096)
+    fetch = spool.start(DIGEST, source)
+    assert fetch is not None
+    reader = asyncio.create_task(collect(fetch.read(0, len(DATA))))
+    source.release(3)  # then the source stalls
+    for _ in range(100):
+        if fetch.written == 3 * 4096:
+            break
+        await asyncio.sleep(0.02)
+    assert fetch.written == 3 * 4096
+    source.release(len(DATA) // 4096 + 1)
+    assert await reader == DATA
+    await spool.close()
+
+
 async def test_bad_bytes_never_complete_a_read(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", 1 << 30)
     bad = bytearray(DATA)

@@ -33,7 +33,7 @@ from shoal.oci.names import Reference, make_reference
 from shoal.oci.ranges import parse_range
 from shoal.registry.verify import HOLD_BACK, DigestMismatch, FileVerifier, verified_chunks
 from shoal.routing.base import P2P_INFO_PATH
-from shoal.sources import Blob, Descriptor, Source
+from shoal.sources import Blob, Descriptor, Relocatable, Source
 from shoal.spool import SpoolBlob
 
 log = logging.getLogger("shoal.registry")
@@ -42,6 +42,9 @@ log = logging.getLogger("shoal.registry")
 PEER_HEADER = "X-Shoal-Peer"
 # With PEER_HEADER: the sender chose this node to fetch the blob from upstream for the cluster.
 FETCH_HEADER = "X-Shoal-Fetch"
+# The same two, as query parameters, in the URLs a node redirects its containerd to.
+PEER_QUERY = "shoal-peer"
+FETCH_QUERY = "shoal-fetch"
 _ROUTE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
 _API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 WRITE_SLICE = 128 * 1024
@@ -77,9 +80,15 @@ class SourceChain:
         self.tags = tags
 
     def for_request(self, request: web.Request) -> list[Source]:
-        if PEER_HEADER not in request.headers:
+        if not from_peer(request):
             return self.sources
-        return self.fetch_sources if FETCH_HEADER in request.headers else self.peer_sources
+        fetch = FETCH_HEADER in request.headers or FETCH_QUERY in request.query
+        return self.fetch_sources if fetch else self.peer_sources
+
+
+def from_peer(request: web.Request) -> bool:
+    """Sent by a peer's shoal, or by a peer's containerd that its shoal redirected here."""
+    return PEER_HEADER in request.headers or PEER_QUERY in request.query
 
 
 class Registry:
@@ -162,7 +171,8 @@ class Registry:
             desc = await self.resolve(sources, ref)
             digest, hint = desc.digest, desc.media_type
         manifest = await self.manifest(sources, ref, digest, hint)
-        metrics.count(manifest.source, "manifest", 200, len(manifest.body))
+        size = len(manifest.body) if request.method == "GET" else 0
+        metrics.count(manifest.source, "manifest", 200, size, to_peer=from_peer(request))
         headers = {
             "Content-Type": manifest.media_type,
             "Docker-Content-Digest": str(manifest.digest),
@@ -195,6 +205,12 @@ class Registry:
         if request.method == "HEAD":
             headers["Content-Length"] = str(end - start)
             return web.Response(status=status, headers=headers)
+        location = blob.location() if isinstance(blob, Relocatable) else None
+        if location is not None and not from_peer(request):
+            # containerd fetches from the peer itself, which verifies what it sends; containerd
+            # comes back here with Range if that peer fails midway.
+            metrics.count(blob.source, "blob", 307, 0)
+            return web.Response(status=307, headers={"Location": location})
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = end - start
         try:
@@ -213,7 +229,7 @@ class Registry:
             log.warning("%s blob %s broke off: %r", blob.source, digest, exc)
             _abort(request)
             return resp
-        metrics.count(blob.source, "blob", status, end - start)
+        metrics.count(blob.source, "blob", status, end - start, to_peer=from_peer(request))
         return resp
 
     async def _send(

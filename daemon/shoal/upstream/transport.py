@@ -20,6 +20,7 @@ from aiohttp.abc import AbstractResolver
 from yarl import URL
 
 from shoal import __version__
+from shoal.sources import READ_BUFSIZE
 from shoal.upstream.allowlist import Origin, origin
 from shoal.upstream.errors import UpstreamInvalid, UpstreamUnavailable
 
@@ -112,6 +113,7 @@ class Transport:
                 ),
                 headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
                 auto_decompress=False,  # bytes are hashed exactly as the registry stores them
+                read_bufsize=READ_BUFSIZE,
                 cookie_jar=aiohttp.DummyCookieJar(),  # nothing carried from one host to another
                 trust_env=self._trust_env,
             )
