@@ -1,6 +1,7 @@
 """A rollout: 8 nodes fetch one image at the same moment from a registry behind a 200 Mbit/s link.
 
     sudo .venv/bin/python bench/rollout.py [--mib 128] [--nodes 8] [--rate 200mbit] [--client cri]
+        [--peer-transfer redirect]
 
 Three runs in one go, each on fresh containerd stores, printed side by side:
 - direct:       every node fetches straight from the registry (no shoal);
@@ -80,6 +81,7 @@ def main() -> int:
         help="cri: the kubelet's PullImage (containerd fetches and unpacks); "
         "ctr: `ctr content fetch` (the ctr process fetches, no unpack)",
     )  # fmt: skip
+    parser.add_argument("--peer-transfer", choices=("redirect", "relay"), default="redirect")
     args = parser.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="shoal-rollout-"))
@@ -91,7 +93,8 @@ def main() -> int:
         image = images.large_image(args.mib, layers=4, seed=5, name="rollout")
         ref = images.push(image, registry, "rollout/app", "v1")
         reg_ns.limit(args.rate)
-        listed = ["--mirror-registries", registry.host, "--upstream-insecure", registry.host]
+        listed = ["--mirror-registries", registry.host, "--upstream-insecure", registry.host,
+                  "--peer-transfer", args.peer_transfer]  # fmt: skip
         for label, count, via_shoal in (
             (f"direct, {args.nodes} nodes", args.nodes, False),
             ("shoal, 1 node", 1, True),
@@ -137,7 +140,8 @@ def main() -> int:
         net.destroy()
 
     ref_time = rows[1][1]
-    print(f"\n{args.mib} MiB image in 4 layers, registry link {args.rate}, {args.nodes} nodes")
+    print(f"\n{args.mib} MiB image in 4 layers, registry link {args.rate}, {args.nodes} nodes, "
+          f"pulled by {args.client}, peer transfer {args.peer_transfer}")  # fmt: skip
     ctr = args.client == "ctr"  # with CRI, containerd does the client's work itself
     print(f"{'run':22} {'time (s)':>9} {'vs shoal 1':>11} {'registry bytes / image':>24}"
           f" {'CPU s: shoal':>13} {'containerd':>11}" + (" ctr" if ctr else ""))  # fmt: skip
