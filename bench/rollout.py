@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import threading
@@ -135,9 +136,11 @@ def main() -> int:
             )
             for node in cluster.nodes:
                 node.ns.destroy()  # stops the node's containerd and shoal too
+            shutil.rmtree(cluster.base, ignore_errors=True)
     finally:
         stop_all()
         net.destroy()
+        shutil.rmtree(base, ignore_errors=True)  # GBs of containerd roots
 
     ref_time = rows[1][1]
     print(f"\n{args.mib} MiB image in 4 layers, registry link {args.rate}, {args.nodes} nodes, "

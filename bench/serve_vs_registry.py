@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import shutil
 import statistics
 import subprocess
 import sys
@@ -109,6 +110,7 @@ def main() -> int:
                 r.setdefault("head_p99", []).append(pct(lat, 0.99) * 1e3)
     finally:
         stop_all()
+        shutil.rmtree(base, ignore_errors=True)  # GBs of containerd roots
 
     med = {k: {m: statistics.median(v) for m, v in r.items()} for k, r in results.items()}
     rows = [

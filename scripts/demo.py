@@ -17,6 +17,7 @@ namespaces the demo creates; every process and namespace is removed at the end.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import time
@@ -103,6 +104,7 @@ def main() -> int:
     finally:
         stop_all()
         net.destroy()
+        shutil.rmtree(base, ignore_errors=True)  # GBs of containerd roots
 
 
 if __name__ == "__main__":
