@@ -108,7 +108,7 @@ def main() -> int:
             if not via_shoal:
                 for node in cluster.nodes:  # the registry only, no mirror
                     node.containerd.write_hosts_toml(registry.host)
-            if via_shoal:
+            else:
                 for node in cluster.nodes:
                     cluster.start_shoal(node)
                 cluster.wait_connected()

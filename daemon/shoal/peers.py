@@ -158,8 +158,11 @@ class PeerSource:
     async def _peers(self, key: str) -> list[Peer]:
         return [p async for p in self.router.lookup(key, self.settings.max_peers)]
 
-    def _url(self, peer: Peer, path: str, ns: str | None) -> str:
-        return f"http://{peer.address}{path}" + (f"?ns={ns}" if ns else "")
+    def _url(
+        self, peer: Peer, path: str, ns: str | None, extra: dict[str, str] | None = None
+    ) -> str:
+        query = {"ns": ns} if ns else {}
+        return str(URL(f"http://{peer.address}{path}").with_query({**query, **(extra or {})}))
 
     async def _first(
         self,
@@ -250,12 +253,13 @@ class PeerBlob:
         settings = self.owner.settings
         if not settings.redirect or self.size < settings.redirect_min:
             return None
-        query = {"ns": self.ns} if self.ns else {}
-        query[PEER_QUERY] = "1"
-        if FETCH_HEADER in self.headers:
-            query[FETCH_QUERY] = "1"
-        path = self.url_path.replace("/manifests/", "/blobs/")
-        return str(URL(f"http://{self.peers[0].address}{path}").with_query(query))
+        marks = {PEER_QUERY: "1", **({FETCH_QUERY: "1"} if FETCH_HEADER in self.headers else {})}
+        return self.owner._url(self.peers[0], self._blob_path, self.ns, marks)
+
+    @property
+    def _blob_path(self) -> str:
+        # Peers serve any content they hold under /blobs/, with Range; manifests included.
+        return self.url_path.replace("/manifests/", "/blobs/")
 
     async def open(self, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes [start, end), resumed from the next peer with Range if one fails midway."""
@@ -267,8 +271,7 @@ class PeerBlob:
             headers = {PEER_HEADER: "1", **self.headers}
             if pos > 0 or end < self.size:
                 headers["Range"] = f"bytes={pos}-{end - 1}"
-            # Peers serve any content they hold under /blobs/, with Range; manifests included.
-            url = self.owner._url(peer, self.url_path.replace("/manifests/", "/blobs/"), self.ns)
+            url = self.owner._url(peer, self._blob_path, self.ns)
             self.tried.append(peer.address)
             try:
                 async with self.owner.session.get(url, headers=headers) as resp:
