@@ -43,11 +43,18 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
-def fetch_all(nodes: list[Node], ref: str, via_shoal: bool, client: str) -> float:
-    """Seconds until every node holds the image; raises if any pull failed."""
+def fetch_all(nodes: list[Node], ref: str, via_shoal: bool, client: str) -> list[float]:
+    """Seconds until each node held the image, in finishing order; raises if any pull failed."""
     errors: list[str] = []
+    done: list[float] = []
 
     def one(node: Node) -> None:
+        try:
+            pull(node)
+        finally:
+            done.append(time.monotonic() - start)
+
+    def pull(node: Node) -> None:
         if client == "cri":
             try:
                 cri_pull(node.containerd.socket, ref)
@@ -66,10 +73,9 @@ def fetch_all(nodes: list[Node], ref: str, via_shoal: bool, client: str) -> floa
         t.start()
     for t in threads:
         t.join()
-    took = time.monotonic() - start
     if errors:
         raise RuntimeError("\n".join(errors))
-    return took
+    return sorted(done)
 
 
 def main() -> int:
@@ -122,7 +128,8 @@ def main() -> int:
 
             clients = resource.getrusage(resource.RUSAGE_CHILDREN)
             mark, before = registry.mark(), cpu()
-            took = fetch_all(cluster.nodes, ref, via_shoal, args.client)
+            done = fetch_all(cluster.nodes, ref, via_shoal, args.client)
+            took = done[-1]
             sent = registry.bytes_sent(since=mark, blobs_only=True)
             after = cpu()
             ctr = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -131,7 +138,8 @@ def main() -> int:
             rows.append((label, took, sent / image.total_size, used))
             print(
                 f"  {label}: {took:.1f} s, registry sent {sent / image.total_size:.2f}x, "
-                f"CPU s: shoal {used[0]:.1f}, containerd {used[1]:.1f}",
+                f"CPU s: shoal {used[0]:.1f}, containerd {used[1]:.1f}; nodes done at "
+                + " ".join(f"{t:.1f}" for t in done),
                 flush=True,
             )
             for node in cluster.nodes:

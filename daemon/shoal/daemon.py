@@ -98,6 +98,7 @@ class Daemon:
         )
         self.runners: list[web.AppRunner] = []
         self.tasks: list[asyncio.Task[None]] = []
+        self.routing_metrics: metrics.RoutingCollector | None = None
         self.containerd_ok = False
 
     def ready(self) -> bool:
@@ -136,6 +137,7 @@ class Daemon:
             health_app(self.ready, self.router), self.settings.metrics_listen, "metrics"
         )
         await self.router.start()
+        self.routing_metrics = metrics.watch_routing(self.router.stats)
         self.tasks.append(asyncio.create_task(self.catalog.run(), name="catalog"))
         self.tasks.append(asyncio.create_task(self._gauges(), name="gauges"))
 
@@ -165,6 +167,8 @@ class Daemon:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for runner in reversed(self.runners):
             await runner.cleanup()
+        if self.routing_metrics is not None:
+            metrics.REGISTRY.unregister(self.routing_metrics)
         await self.spool.close()
         await self.upstream.close()
         await self.peers.close()

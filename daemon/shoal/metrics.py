@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -38,6 +41,50 @@ VERIFY_FAILURES = Counter(
     ["source"],
     registry=REGISTRY,
 )
+
+
+# The router's stats: help texts, and which are levels rather than running totals.
+ROUTING_HELP = {
+    "routing_table_peers": "Peers in the DHT routing table",
+    "connected_peers": "Peers with an open libp2p connection",
+    "advertised_keys": "Keys this node announces",
+    "stored_records": "Provider records this node stores for others",
+    "loop_lag_max_seconds": "Longest the routing thread's loop woke up late",
+    "announce_streams": "Announcement exchanges sent",
+    "announce_failures": "Announcement exchanges that failed",
+    "records_sent": "Provider records sent in announcements",
+    "records_received": "Provider records accepted from peers",
+    "lookups": "Provider lookups started",
+    "lookup_local_hits": "Lookups answered from this node's own record store",
+    "lookup_queries": "GET_PROVIDERS queries sent to peers",
+    "lookup_query_failures": "GET_PROVIDERS queries that failed or timed out",
+    "exchange_timeouts": "Routing exchanges cut off by their deadline",
+}
+ROUTING_GAUGES = frozenset(
+    ["routing_table_peers", "connected_peers", "advertised_keys", "stored_records",
+     "loop_lag_max_seconds"]
+)  # fmt: skip
+
+
+class RoutingCollector:
+    """Exposes the router's stats as `shoal_routing_*`, read at scrape time (the router keeps
+    plain counters in its own thread; copying them on every change would cost more)."""
+
+    def __init__(self, stats: Callable[[], dict[str, float]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        for name, value in sorted(self.stats().items()):
+            text = ROUTING_HELP.get(name, name.replace("_", " "))
+            family = GaugeMetricFamily if name in ROUTING_GAUGES else CounterMetricFamily
+            yield family(f"shoal_routing_{name}", text, value=value)
+
+
+def watch_routing(stats: Callable[[], dict[str, float]]) -> RoutingCollector:
+    """Registers the router's stats for /metrics; returns the collector for unregistering."""
+    collector = RoutingCollector(stats)
+    REGISTRY.register(collector)
+    return collector
 
 
 def count(source: str, kind: str, code: int, nbytes: int, *, to_peer: bool = False) -> None:

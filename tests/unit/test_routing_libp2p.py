@@ -329,6 +329,33 @@ async def test_more_nodes_than_replicas_records_land_on_the_closest_and_are_foun
         await stop_all(routers)
 
 
+@pytest.mark.parametrize("replication", [20, 5])
+async def test_a_miss_asks_two_peers_when_the_table_holds_the_whole_network(
+    tmp_path: Path, replication: int
+) -> None:
+    # No hedging: the count below must not depend on how busy the machine is.
+    options = dataclasses_replace(
+        TEST_OPTIONS, replication=replication, lookup_hedge_delay=5.0, lookup_peer_timeout=5.0
+    )
+    routers = await libp2p_cluster(tmp_path, 6, options)
+    try:
+        await wait_for(lambda: all(len(r.members()) == 5 for r in routers))
+        a, holder = routers[0], routers[4]
+        before = a.stats()["lookup_queries"]
+        assert await found_net(a, "sha256:" + "ab" * 32) == []
+        asked = a.stats()["lookup_queries"] - before
+        if replication == 20:  # 6 nodes < 20: every node stores every record
+            assert asked == 2
+        else:  # 5 peers known, not fewer than `replication`: the lookup walks as Kademlia does
+            assert asked >= options.lookup_quiet_answers
+        key = "sha256:" + "cd" * 32
+        await holder.advertise([key])
+        await asyncio.sleep(0.5)
+        assert [p.id for p in await found_net(a, key)] == [holder.node_info().id]
+    finally:
+        await stop_all(routers)
+
+
 async def test_calls_after_stop_are_ignored_and_stop_is_idempotent(tmp_path: Path) -> None:
     a, b = await libp2p_cluster(tmp_path, 2)
     await a.advertise(["sha256:" + "d" * 64])

@@ -61,3 +61,7 @@ class Router(Protocol):
     def node_info(self) -> NodeInfo:
         """Served at P2P_INFO_PATH so other nodes can bootstrap from this node's IP alone."""
         ...
+
+    def stats(self) -> dict[str, float]:
+        """Counters (names without `_total`) and gauges of the router's work, for /metrics."""
+        ...

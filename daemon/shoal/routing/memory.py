@@ -51,3 +51,6 @@ class MemoryRouter:
 
     def node_info(self) -> NodeInfo:
         return NodeInfo(self.peer.id)
+
+    def stats(self) -> dict[str, float]:
+        return {}

@@ -834,6 +834,9 @@ class P2PNode:
             return order[: opts.replication]
 
         ranked = rank()
+        # The whole network is in our table: no walk needed (see `lookup_whole_answers`).
+        whole = self.dht.routing_table.size() < opts.replication
+        answers = 0
         queried: set[ID] = set()
         done: set[ID] = set()  # answered or failed, in this lookup
         slow: list[ID] = []  # timed out, in this lookup
@@ -885,9 +888,13 @@ class P2PNode:
                 providers, closer = result
                 if any(offer(info) for info in providers):
                     return found
+                answers += 1
                 with_providers += bool(providers)
                 fresh = [p for p in closer if p != self.peer_id and p not in known]
                 known.update(fresh)
+                whole = whole and not fresh
+                if whole and answers >= opts.lookup_whole_answers:
+                    break
                 closest = rank() if fresh else ranked
                 quiet = quiet + 1 if closest == ranked else 0
                 ranked = closest
@@ -900,7 +907,7 @@ class P2PNode:
                     quiet >= opts.lookup_quiet_answers and all(p in done for p in nearest)
                 ):
                     break
-                launch(opts.lookup_parallel)  # not done: widen, as Kademlia does
+                launch(1 if whole else opts.lookup_parallel)  # else widen, as Kademlia does
         finally:
             send.close()
             recv.close()

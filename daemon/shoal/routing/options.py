@@ -35,6 +35,10 @@ class RoutingOptions:
     # holder names all it has), or this many answers in a row that brought no closer peer.
     lookup_enough_answers: int = 3
     lookup_quiet_answers: int = 4
+    # While the routing table holds fewer than `replication` peers and no answer names a peer
+    # we did not know, every record was sent to every node we know: this many answers settle
+    # a lookup (more than one, as a node may have missed an announcement).
+    lookup_whole_answers: int = 2
     # Bulk announce: deadline to open a stream / per frame, targets sent to at once.
     announce_open_timeout: float = 5.0
     announce_frame_timeout: float = 15.0
