@@ -52,13 +52,18 @@ class Fetch:
         self.finished_at: float | None = None
         self._progress = asyncio.Condition()
         self.task: asyncio.Task[None] | None = None
+        # Created here, not in run(): a reader that joins before run() got going must find the
+        # file (it opens it to sendfile() from). Creating an empty local file does not block.
+        self._fd: int | None = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+        )
 
     async def run(self, source: Blob) -> None:
         """Copies `source` into the file, hashing as it goes; wakes readers after each chunk."""
         hasher = self.digest.hasher()
-        fd = await asyncio.to_thread(
-            os.open, self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
-        )
+        started = time.monotonic()
+        fd = self._fd
+        assert fd is not None, "a Fetch runs once"
         try:
             async for batch in _batched(source.open(0, self.size)):
                 # One worker-thread hop writes and hashes: the event loop stays free.
@@ -68,6 +73,11 @@ class Fetch:
                     self._progress.notify_all()
             if self.written != self.size or not self.digest.matches(hasher):
                 raise FetchFailed(f"{self.digest}: upstream bytes did not match the digest")
+            took = time.monotonic() - started
+            log.info(
+                "fetched %s from %s: %d bytes in %.2fs (%.1f MB/s)",
+                self.digest, self.origin, self.size, took, self.size / max(took, 1e-6) / 1e6,
+            )  # fmt: skip
         except BaseException as exc:
             self.error = exc if isinstance(exc, Exception) else FetchFailed("cancelled")
             with contextlib.suppress(OSError):
@@ -75,11 +85,17 @@ class Fetch:
             log.warning("fetch of %s failed at byte %d: %r", self.digest, self.written, exc)
             raise
         finally:
-            os.close(fd)
+            self.close_file()
             async with self._progress:
                 self.done = True
                 self.finished_at = time.monotonic()
                 self._progress.notify_all()
+
+    def close_file(self) -> None:
+        """Closes the writing end (also for a fetch cancelled before it ever ran)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     @property
     def complete(self) -> bool:
@@ -298,4 +314,6 @@ class Spool:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for fetch in self.fetches.values():
+            fetch.close_file()
         shutil.rmtree(self.dir, ignore_errors=True)

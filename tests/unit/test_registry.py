@@ -15,6 +15,7 @@ from shoal.local import LocalSource, MemoryStore
 from shoal.oci import mediatypes as mt
 from shoal.oci.digest import Digest
 from shoal.registry.app import PEER_HEADER, SourceChain, make_app
+from shoal.spool import Spool, SpoolBlob
 
 NS = "127.0.0.1:5000"
 LAYER = bytes(range(256)) * 4096 * 3  # 3 MiB: several chunks, and over sendfile's hold-back
@@ -277,3 +278,53 @@ def test_byte_cache_is_bounded_and_least_recently_used_goes_first() -> None:
     assert cache.size == 8
     cache.put(Digest.of(b"big"), b"x" * 11)  # larger than the whole cache: not kept
     assert cache.size == 8
+
+
+class SlowBlob:
+    """An upstream-like blob whose bytes come a piece at a time."""
+
+    source = "upstream"
+    path = None
+    verified = False
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.size = data, len(data)
+
+    async def open(self, start: int, end: int) -> AsyncIterator[bytes]:
+        for pos in range(start, end, 256 * 1024):
+            await asyncio.sleep(0.001)
+            yield self.data[pos : min(end, pos + 256 * 1024)]
+
+
+class SpoolingSource:
+    """Like the upstream fetcher: every blob found goes through the spool."""
+
+    name = "upstream"
+
+    def __init__(self, spool: Spool, data: bytes) -> None:
+        self.spool, self.data = spool, data
+
+    async def resolve(self, ref: object) -> None:
+        return None
+
+    async def find(self, ref: object, digest: Digest, kind: str) -> SpoolBlob | None:
+        fetch = self.spool.start(digest, SlowBlob(self.data))
+        return None if fetch is None else SpoolBlob(fetch, "upstream")
+
+
+async def test_a_get_that_starts_a_spool_fetch_gets_the_whole_body(tmp_path) -> None:
+    """The request that starts a fetch is served from the spool file at once: it must not be
+    cut (containerd would retry) because the fetch had not created the file yet."""
+    spool = Spool(tmp_path / "spool", 1 << 30)
+    digest = Digest.of(LAYER)
+    server = TestServer(make_app(SourceChain([SpoolingSource(spool, LAYER)])), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = server.make_url(f"/v2/team/app/blobs/{digest}")
+            async with session.get(url, params={"ns": NS}) as resp:
+                assert resp.status == 200
+                assert await resp.read() == LAYER
+    finally:
+        await server.close()
+        await spool.close()

@@ -271,10 +271,14 @@ class Registry:
     ) -> None:
         """A spooled blob goes out by sendfile() as it lands on disk: the kernel copies, and
         the spool holds back the last piece until the digest matched."""
+        try:
+            fobj = open(blob.fetch.path, "rb")  # noqa: ASYNC230 - a local file
+        except FileNotFoundError:  # retired between find and here: containerd has it now
+            raise BlobUnknown("blob left the spool", {"digest": str(blob.fetch.digest)}) from None
         await resp.prepare(request)
         loop = asyncio.get_running_loop()
         sent = 0
-        with open(blob.fetch.path, "rb") as fobj:  # noqa: ASYNC230 - a local file
+        with fobj:
             async for offset, count in blob.fetch.regions(start, end):
                 assert request.transport is not None
                 await loop.sendfile(request.transport, fobj, offset, count)
@@ -383,7 +387,10 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
         kind = "manifests" if "/manifests/" in request.path else "blobs"
         err = (ManifestUnknown if kind == "manifests" else BlobUnknown)("internal error; see logs")
         resp = error_response(err, request)
-    metrics.observe(request.method, time.monotonic() - started)
+    took = time.monotonic() - started
+    metrics.observe(request.method, took)
+    if log.isEnabledFor(logging.DEBUG):  # an access log at debug level
+        log.debug("%s %s %d %.3fs", request.method, request.path_qs, resp.status, took)
     return resp
 
 
