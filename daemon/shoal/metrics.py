@@ -57,7 +57,7 @@ ROUTING_HELP = {
     "lookups": "Provider lookups started",
     "lookup_local_hits": "Lookups answered from this node's own record store",
     "lookup_queries": "GET_PROVIDERS queries sent to peers",
-    "lookup_query_failures": "GET_PROVIDERS queries that failed or timed out",
+    "lookup_query_failures": "Queries to peers (lookups, refreshes) that failed or timed out",
     "exchange_timeouts": "Routing exchanges cut off by their deadline",
 }
 ROUTING_GAUGES = frozenset(

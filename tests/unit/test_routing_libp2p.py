@@ -356,6 +356,35 @@ async def test_a_miss_asks_two_peers_when_the_table_holds_the_whole_network(
         await stop_all(routers)
 
 
+async def test_refresh_walks_only_when_a_peer_could_be_missing(tmp_path: Path) -> None:
+    routers = await libp2p_cluster(tmp_path, 4)
+    try:
+        await wait_for(lambda: all(len(r.members()) == 3 for r in routers))
+        a, c = routers[0], routers[2]
+        node = a._node
+
+        async def probe() -> bool:
+            return await node._may_find_more()
+
+        # Everyone knows everyone: asking two peers over pooled streams shows nobody is missing.
+        assert not await a._bridge().submit(probe)
+        # A peer that fell out of the table is named by the peers asked: the walk runs, and
+        # finds it again.
+        missing = next(
+            p for p in node.dht.routing_table.get_peer_ids() if str(p) == c.node_info().id
+        )
+
+        async def forget_and_refresh() -> tuple[bool, bool]:
+            node.dht.routing_table.remove_peer(missing)
+            wanted = await node._may_find_more()
+            await node.dht.peer_routing.find_closest_peers_network(node.peer_id.to_bytes())
+            return wanted, node.dht.routing_table.peer_in_table(missing)
+
+        assert await a._bridge().submit(forget_and_refresh) == (True, True)
+    finally:
+        await stop_all(routers)
+
+
 async def test_calls_after_stop_are_ignored_and_stop_is_idempotent(tmp_path: Path) -> None:
     a, b = await libp2p_cluster(tmp_path, 2)
     await a.advertise(["sha256:" + "d" * 64])

@@ -460,9 +460,38 @@ class P2PNode:
         if size == 0 or now < self._next_refresh:
             return
         with trio.move_on_after(10):
-            await self.dht.peer_routing.find_closest_peers_network(self.peer_id.to_bytes())
+            if await self._may_find_more():
+                await self.dht.peer_routing.find_closest_peers_network(self.peer_id.to_bytes())
         self._refresh_interval = min(self._refresh_interval * 2, self.options.reannounce_interval)
         self._next_refresh = trio.current_time() + self._refresh_interval
+
+    async def _may_find_more(self) -> bool:
+        """Whether a refresh walk could find peers we do not know.
+
+        The stock walk opens a new stream to every peer it asks, and in a small network it asks
+        them all. While the table holds fewer than `replication` peers, the closest few are
+        asked first over pooled streams: when none of them names a peer we do not know, there
+        is nobody to find (as in find_providers, see `lookup_whole_answers`).
+        """
+        assert self.dht is not None and self.peer_id is not None
+        opts = self.options
+        table = self.dht.routing_table
+        if table.size() >= opts.replication:
+            return True
+        own = self.peer_id.to_bytes()
+        known = set(table.get_peer_ids())
+        answers = 0
+        for peer in table.find_local_closest_peers(own, opts.replication):
+            if answers >= opts.lookup_whole_answers:
+                break
+            result = await self._query(peer, own, Message.MessageType.FIND_NODE)
+            if result is None or result is TIMED_OUT:
+                continue
+            answers += 1
+            _, closer = result
+            if any(p != self.peer_id and p not in known for p in closer):
+                return True
+        return answers == 0  # nobody answered: let the walk try its own way
 
     # ----------------------------------------------------------------- announce
 
@@ -922,8 +951,12 @@ class P2PNode:
         """One GET_PROVIDERS exchange within the per-peer deadline: (providers, closer peers),
         TIMED_OUT, or None on any other failure."""
         self.counters.lookup_queries += 1
+        return await self._query(peer, key, Message.MessageType.GET_PROVIDERS)
+
+    async def _query(self, peer: ID, key: bytes, kind: int) -> Any:
+        """One GET_PROVIDERS or FIND_NODE exchange on a pooled stream; see _get_providers."""
         request = Message()
-        request.type = Message.MessageType.GET_PROVIDERS
+        request.type = kind  # type: ignore[assignment]
         request.key = key
         payload = request.SerializeToString()
 
@@ -931,7 +964,7 @@ class P2PNode:
             await stream.write(wire.encode_uvarint(len(payload)) + payload)
             response = Message()
             response.ParseFromString(await wire.read_message(stream, MAX_DHT_RESPONSE))
-            if response.type != Message.MessageType.GET_PROVIDERS:
+            if response.type != kind:
                 raise ValueError(f"unexpected response type {response.type}")
             return response
 
