@@ -3,10 +3,12 @@
     sudo .venv/bin/python bench/rollout.py [--mib 128] [--nodes 8] [--rate 200mbit] [--client cri]
         [--peer-transfer redirect]
 
-Three runs in one go, each on fresh containerd stores, printed side by side:
+Four runs in one go, each on fresh containerd stores, printed side by side:
 - direct:       every node fetches straight from the registry (no shoal);
 - shoal, 1:     one node alone through its shoal (the reference time);
-- shoal, N:     all nodes at once, each through its own shoal.
+- shoal, N:     all nodes at once, each through its own shoal;
+- direct, no limit: every node straight from the registry with the link unshaped: the
+                fastest N simultaneous pulls can be on this host (its CPU is the limit).
 Each node is a network namespace with its own containerd and shoal; the registry has a
 namespace of its own whose link is shaped with tbf. Nodes pull as the kubelet does, through
 CRI PullImage: containerd fetches and unpacks in the daemon (`--client ctr` uses `ctr content
@@ -102,15 +104,18 @@ def main() -> int:
         reg_ns.limit(args.rate)
         listed = ["--mirror-registries", registry.host, "--upstream-insecure", registry.host,
                   "--peer-transfer", args.peer_transfer]  # fmt: skip
-        for label, count, via_shoal in (
+        for n, (label, count, via_shoal) in enumerate((
             (f"direct, {args.nodes} nodes", args.nodes, False),
             ("shoal, 1 node", 1, True),
             (f"shoal, {args.nodes} nodes", args.nodes, True),
-        ):
-            cluster = Cluster(net, base / label.replace(" ", "").replace(",", "-"), registry,
-                              shoal_args=listed)  # fmt: skip
+            # What this host allows at best: the same pulls with no network limit at all.
+            (f"direct, {args.nodes}, no limit", args.nodes, False),
+        )):  # fmt: skip
+            if n == 3:
+                reg_ns.unlimit()
+            cluster = Cluster(net, base / f"run{n}", registry, shoal_args=listed)
             for i in range(count):
-                cluster.add_node(f"{label[0]}{count}-{i}")
+                cluster.add_node(f"r{n}-{i}")
             if not via_shoal:
                 for node in cluster.nodes:  # the registry only, no mirror
                     node.containerd.write_hosts_toml(registry.host)
@@ -159,9 +164,12 @@ def main() -> int:
     for label, took, ratio, used in rows:
         print(f"{label:22} {took:9.1f} {took / ref_time:10.2f}x {ratio:23.2f}x"
               f" {used[0]:13.1f} {used[1]:11.1f}" + (f" {used[2]:.1f}" if ctr else ""))  # fmt: skip
+    floor = rows[3][1]
     print(
-        f"(this host has {os.cpu_count()} cores for every simulated node: "
-        f"{os.cpu_count() * rows[-1][1]:.0f} CPU-seconds in the last run's wall time)"
+        f"(this host has {os.cpu_count()} cores for all simulated nodes: "
+        f"{os.cpu_count() * rows[2][1]:.0f} CPU-seconds in the wall time of shoal, "
+        f"{args.nodes} nodes;\n the last row is the floor {args.nodes} simultaneous pulls have "
+        f"here: shoal, {args.nodes} nodes took {rows[2][1] / floor:.2f}x that floor)"
     )
     return 0
 

@@ -102,6 +102,8 @@ def _serving(node: Node, client_ip: str) -> bool:
 def test_serving_peer_killed_mid_blob(cluster: World) -> None:
     n1, n2, n3 = cluster.nodes
     ref = cluster.refs["large"]
+    # Node 1 holds it from the first test, unless this test runs alone.
+    n1.containerd.pull(ref, via_hosts=False, plain_http=True)
     n2.containerd.pull(ref)  # now node 1 and node 2 both hold the 72 MiB image
     wait_until(lambda: len(n3.providers(cluster.images["large"].layers[0].digest)) == 2, 30,
                "both holders advertised")  # fmt: skip
