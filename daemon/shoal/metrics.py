@@ -61,9 +61,14 @@ ROUTING_HELP = {
     "exchange_timeouts": "Routing exchanges cut off by their deadline",
 }
 ROUTING_GAUGES = frozenset(
-    ["routing_table_peers", "connected_peers", "advertised_keys", "stored_records",
-     "loop_lag_max_seconds"]
-)  # fmt: skip
+    {
+        "routing_table_peers",
+        "connected_peers",
+        "advertised_keys",
+        "stored_records",
+        "loop_lag_max_seconds",
+    }
+)
 
 
 class RoutingCollector:

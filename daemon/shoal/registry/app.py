@@ -273,7 +273,7 @@ class Registry:
         the spool holds back the last piece until the digest matched."""
         try:
             fobj = open(blob.fetch.path, "rb")  # noqa: ASYNC230 - a local file
-        except FileNotFoundError:  # retired between find and here: containerd has it now
+        except FileNotFoundError:  # retired (containerd has it) or failed since it was found
             raise BlobUnknown("blob left the spool", {"digest": str(blob.fetch.digest)}) from None
         await resp.prepare(request)
         loop = asyncio.get_running_loop()
