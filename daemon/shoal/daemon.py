@@ -57,6 +57,8 @@ def health_app(ready: Callable[[], bool], router: Router) -> web.Application:
         key = request.query.get("key", "")
         if not key or len(key) > 512:
             return web.json_response({"error": "?key=<digest or registry/repo:tag>"}, status=400)
+        if not router.ready():  # not started, or no peer yet: nothing to ask
+            return web.json_response({"error": "routing not ready"}, status=503)
         found = [{"id": p.id, "address": p.address} async for p in router.lookup(key, 20)]
         return web.json_response({"key": key, "providers": found})
 

@@ -60,6 +60,8 @@ class Node:
 
     def providers(self, key: str) -> list[str]:
         status, _, body = self.request(f"/debug/providers?key={key}", METRICS)
+        if status == 503:  # routing not up yet (a shoal just restarted): it names nobody
+            return []
         assert status == 200, body
         return [p["address"].split(":")[0] for p in json.loads(body)["providers"]]
 

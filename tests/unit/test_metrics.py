@@ -31,3 +31,33 @@ def test_routing_stats_are_read_at_each_scrape_and_removed_on_unregister() -> No
     finally:
         metrics.REGISTRY.unregister(collector)
     assert _lines("shoal_routing_") == {}
+
+
+async def test_debug_providers_answers_503_until_routing_is_ready() -> None:
+    from aiohttp import ClientSession
+    from aiohttp.test_utils import TestServer
+
+    from shoal.daemon import health_app
+    from shoal.routing import Peer
+    from shoal.routing.memory import MemoryNetwork, MemoryRouter
+
+    net = MemoryNetwork()
+    me, other = Peer("me", "10.0.0.1:30020"), Peer("other", "10.0.0.2:30020")
+    router, holder = MemoryRouter(net, me), MemoryRouter(net, other)
+    server = TestServer(health_app(lambda: True, router), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with ClientSession() as session:
+            url = server.make_url("/debug/providers")
+            async with session.get(url, params={"key": "sha256:" + "a" * 64}) as resp:
+                assert resp.status == 503  # not started: no traceback, no 500
+            await router.start()
+            await holder.start()
+            await holder.advertise(["sha256:" + "a" * 64])
+            async with session.get(url, params={"key": "sha256:" + "a" * 64}) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["providers"] == [
+                    {"id": "other", "address": "10.0.0.2:30020"}
+                ]
+    finally:
+        await server.close()
