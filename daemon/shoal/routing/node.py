@@ -465,6 +465,12 @@ class P2PNode:
         self._refresh_interval = min(self._refresh_interval * 2, self.options.reannounce_interval)
         self._next_refresh = trio.current_time() + self._refresh_interval
 
+    def _table_is_whole(self) -> bool:
+        """Fewer peers known than `replication`: each of our records went to all of them, and
+        theirs to us (see _targets), unless someone names a peer we do not know."""
+        assert self.dht is not None
+        return self.dht.routing_table.size() < self.options.replication
+
     async def _may_find_more(self) -> bool:
         """Whether a refresh walk could find peers we do not know.
 
@@ -476,7 +482,7 @@ class P2PNode:
         assert self.dht is not None and self.peer_id is not None
         opts = self.options
         table = self.dht.routing_table
-        if table.size() >= opts.replication:
+        if not self._table_is_whole():
             return True
         own = self.peer_id.to_bytes()
         known = set(table.get_peer_ids())
@@ -863,8 +869,7 @@ class P2PNode:
             return order[: opts.replication]
 
         ranked = rank()
-        # The whole network is in our table: no walk needed (see `lookup_whole_answers`).
-        whole = self.dht.routing_table.size() < opts.replication
+        whole = self._table_is_whole()  # then no walk is needed (see `lookup_whole_answers`)
         answers = 0
         queried: set[ID] = set()
         done: set[ID] = set()  # answered or failed, in this lookup
