@@ -104,14 +104,14 @@ def main() -> int:
         reg_ns.limit(args.rate)
         listed = ["--mirror-registries", registry.host, "--upstream-insecure", registry.host,
                   "--peer-transfer", args.peer_transfer]  # fmt: skip
-        for n, (label, count, via_shoal) in enumerate((
-            (f"direct, {args.nodes} nodes", args.nodes, False),
-            ("shoal, 1 node", 1, True),
-            (f"shoal, {args.nodes} nodes", args.nodes, True),
+        for n, (label, count, via_shoal, limited) in enumerate((
+            (f"direct, {args.nodes} nodes", args.nodes, False, True),
+            ("shoal, 1 node", 1, True, True),
+            (f"shoal, {args.nodes} nodes", args.nodes, True, True),
             # What this host allows at best: the same pulls with no network limit at all.
-            (f"direct, {args.nodes}, no limit", args.nodes, False),
+            (f"direct, {args.nodes}, no limit", args.nodes, False, False),
         )):  # fmt: skip
-            if n == 3:
+            if not limited:
                 reg_ns.unlimit()
             cluster = Cluster(net, base / f"run{n}", registry, shoal_args=listed)
             for i in range(count):
