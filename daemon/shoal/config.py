@@ -87,6 +87,13 @@ OPTIONS: tuple[Option, ...] = (
         "blob bodies a peer holds: redirect containerd to the peer, or relay them through here",
         choices=PEER_TRANSFERS,
     ),
+    Option(
+        "ordered_streams",
+        1,
+        "upstream downloads an image's designated fetcher runs at once, in manifest order "
+        "(0: each blob is fetched when containerd asks for it)",
+        type=int,
+    ),
 )
 
 
@@ -118,6 +125,7 @@ class Settings:
     resync_interval: float
     spool_max_bytes: int
     peer_transfer: str
+    ordered_streams: int
 
     @classmethod
     def defaults(cls, **overrides: Any) -> Settings:

@@ -15,6 +15,7 @@ from shoal.catalog import Catalog
 from shoal.config import Settings
 from shoal.containerd.client import ContainerdClient
 from shoal.fetcher import InFlightSource, Spooler, UpstreamFetcher
+from shoal.imageorder import Images, OrderedFetches
 from shoal.local import LocalSource
 from shoal.nodestore import ContainerdStore
 from shoal.oci.digest import Digest
@@ -102,6 +103,7 @@ class Daemon:
         self.tasks: list[asyncio.Task[None]] = []
         self.routing_metrics: metrics.RoutingCollector | None = None
         self.containerd_ok = False
+        self.ordered: OrderedFetches | None = None
 
     def ready(self) -> bool:
         return self.containerd_ok and self.catalog.synced.is_set() and self.router.ready()
@@ -121,9 +123,33 @@ class Daemon:
         spooler = Spooler(self.spool, self.router)
         inflight = InFlightSource(spooler)
 
+        ordered = None
+        if self.settings.ordered_streams > 0:
+            peering = self.peers.settings
+            ordered = OrderedFetches(
+                running=self.spool.get,
+                needed=spooler.needed,
+                upstream=lambda ref, digest: self.upstream.find(ref, digest, "blob"),
+                start=spooler.start,
+                streams=self.settings.ordered_streams,
+                # Smaller blobs, and all of them in relay mode, are relayed by other nodes,
+                # which give up on a peer silent for read_timeout: they must not wait longer.
+                ungated_below=peering.redirect_min,
+                hold=None if peering.redirect else peering.read_timeout * 0.8,
+            )
+        self.ordered = ordered
+        images = Images()
+
         def fetcher(delegate: bool) -> UpstreamFetcher:
             return UpstreamFetcher(
-                self.upstream, spooler, self.router, self.peers, self._me, delegate=delegate
+                self.upstream,
+                spooler,
+                self.router,
+                self.peers,
+                self._me,
+                delegate=delegate,
+                images=images,
+                ordered=ordered,
             )
 
         chain = SourceChain(
@@ -171,6 +197,8 @@ class Daemon:
             await runner.cleanup()
         if self.routing_metrics is not None:
             metrics.REGISTRY.unregister(self.routing_metrics)
+        if self.ordered is not None:
+            await self.ordered.close()
         await self.spool.close()
         await self.upstream.close()
         await self.peers.close()

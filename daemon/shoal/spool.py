@@ -61,11 +61,12 @@ class Fetch:
     async def run(self, source: Blob) -> None:
         """Copies `source` into the file, hashing as it goes; wakes readers after each chunk."""
         hasher = self.digest.hasher()
-        started = time.monotonic()
+        started: float | None = None
         fd = self._fd
         assert fd is not None, "a Fetch runs once"
         try:
             async for batch in _batched(source.open(0, self.size)):
+                started = started or time.monotonic()  # a queued source waits first
                 # One worker-thread hop writes and hashes: the event loop stays free.
                 await asyncio.to_thread(_write_all, fd, batch, self.written, hasher)
                 async with self._progress:
@@ -73,7 +74,7 @@ class Fetch:
                     self._progress.notify_all()
             if self.written != self.size or not self.digest.matches(hasher):
                 raise FetchFailed(f"{self.digest}: upstream bytes did not match the digest")
-            took = time.monotonic() - started
+            took = time.monotonic() - (started or time.monotonic())
             log.info(
                 "fetched %s from %s: %d bytes in %.2fs (%.1f MB/s)",
                 self.digest, self.origin, self.size, took, self.size / max(took, 1e-6) / 1e6,
@@ -113,11 +114,15 @@ class Fetch:
             raise FetchFailed(f"{self.digest} ended at {available} of {self.size}")
         return available
 
-    async def _verified(self) -> None:
-        """Waits until the fetch is over; raises unless the whole blob matched its digest."""
+    async def over(self) -> None:
+        """Waits until the fetch is over, whether it succeeded or not."""
         async with self._progress:
             while not self.done:
                 await self._progress.wait()
+
+    async def _verified(self) -> None:
+        """Waits until the fetch is over; raises unless the whole blob matched its digest."""
+        await self.over()
         if self.error is not None:
             raise FetchFailed(f"upstream fetch of {self.digest} failed: {self.error!r}")
 
