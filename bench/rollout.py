@@ -1,7 +1,7 @@
 """A rollout: 8 nodes fetch one image at the same moment from a registry behind a 200 Mbit/s link.
 
     sudo .venv/bin/python bench/rollout.py [--mib 128] [--nodes 8] [--rate 200mbit] [--client cri]
-        [--peer-transfer redirect]
+        [--peer-transfer redirect] [--warm-gib 4] [--shoal-arg=--ordered-streams=0 ...]
 
 Four runs in one go, each on fresh containerd stores, printed side by side:
 - direct:       every node fetches straight from the registry (no shoal);
@@ -10,10 +10,15 @@ Four runs in one go, each on fresh containerd stores, printed side by side:
 - direct, no limit: every node straight from the registry with the link unshaped: the
                 fastest N simultaneous pulls can be on this host (its CPU is the limit).
 Each node is a network namespace with its own containerd and shoal; the registry has a
-namespace of its own whose link is shaped with tbf. Nodes pull as the kubelet does, through
-CRI PullImage: containerd fetches and unpacks in the daemon (`--client ctr` uses `ctr content
-fetch` instead, where the ctr process fetches and writes over gRPC, without unpacking). All
-simulated nodes share this host's 2 cores, so the CPU each part used is printed too.
+namespace of its own whose link is shaped with tbf. Before each run, `--warm-gib` GiB of memory
+are written and freed: this VM hands freed memory back to its host after some seconds, and the
+first write to such a page costs several times a normal one (README, "The rollout bench"). 8
+nodes write ~2 GiB of content and snapshots within seconds; unwarmed, that cost lands in the
+8-node runs only, since one node alone waits on the link, not the CPU. 0 turns this off.
+Nodes pull as the kubelet does, through CRI PullImage: containerd fetches and unpacks in the
+daemon (`--client ctr` uses `ctr content fetch` instead, where the ctr process fetches and
+writes over gRPC, without unpacking). All simulated nodes share this host's 2 cores, so the
+CPU each part used is printed too.
 Goals (issue 4): shoal N <= 1.5x shoal 1; registry bytes <= 1.1x.
 """
 
@@ -23,6 +28,7 @@ import argparse
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -43,6 +49,14 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process and its reaped children, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def warm_memory(gib: float) -> None:
+    """Writes `gib` GiB in a child process that then exits: the pages are backed by the host
+    again and free, so the next run's page cache writes cost what they cost on a normal node."""
+    if gib > 0:
+        code = f"b = bytearray(b'w') * {int(gib * (1 << 30))}"
+        subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def fetch_all(nodes: list[Node], ref: str, via_shoal: bool, client: str) -> list[float]:
@@ -91,6 +105,14 @@ def main() -> int:
         "ctr: `ctr content fetch` (the ctr process fetches, no unpack)",
     )  # fmt: skip
     parser.add_argument("--peer-transfer", choices=("redirect", "relay"), default="redirect")
+    parser.add_argument(
+        "--warm-gib", type=float, default=4.0,
+        help="GiB of memory written and freed before each run (0: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shoal-arg", action="append", default=[],
+        help="extra `shoal run` argument, e.g. --shoal-arg=--ordered-streams=0",
+    )  # fmt: skip
     args = parser.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="shoal-rollout-"))
@@ -103,7 +125,7 @@ def main() -> int:
         ref = images.push(image, registry, "rollout/app", "v1")
         reg_ns.limit(args.rate)
         listed = ["--mirror-registries", registry.host, "--upstream-insecure", registry.host,
-                  "--peer-transfer", args.peer_transfer]  # fmt: skip
+                  "--peer-transfer", args.peer_transfer, *args.shoal_arg]  # fmt: skip
         for n, (label, count, via_shoal, limited) in enumerate((
             (f"direct, {args.nodes} nodes", args.nodes, False, True),
             ("shoal, 1 node", 1, True, True),
@@ -132,6 +154,7 @@ def main() -> int:
                 return shoal, ctrd
 
             clients = resource.getrusage(resource.RUSAGE_CHILDREN)
+            warm_memory(args.warm_gib)
             mark, before = registry.mark(), cpu()
             done = fetch_all(cluster.nodes, ref, via_shoal, args.client)
             took = done[-1]
@@ -157,7 +180,9 @@ def main() -> int:
 
     ref_time = rows[1][1]
     print(f"\n{args.mib} MiB image in 4 layers, registry link {args.rate}, {args.nodes} nodes, "
-          f"pulled by {args.client}, peer transfer {args.peer_transfer}")  # fmt: skip
+          f"pulled by {args.client}, peer transfer {args.peer_transfer}, "
+          f"{args.warm_gib:g} GiB of memory warmed before each run"
+          + (f", shoal {' '.join(args.shoal_arg)}" if args.shoal_arg else ""))  # fmt: skip
     ctr = args.client == "ctr"  # with CRI, containerd does the client's work itself
     print(f"{'run':22} {'time (s)':>9} {'vs shoal 1':>11} {'registry bytes / image':>24}"
           f" {'CPU s: shoal':>13} {'containerd':>11}" + (" ctr" if ctr else ""))  # fmt: skip
