@@ -201,6 +201,15 @@ def test_eight_nodes_fetch_an_image_from_upstream_about_once(
         sent = registry.bytes_sent(since=mark, blobs_only=True)
         print(f"registry sent {sent / image.total_size:.2f}x the image's bytes")
         assert sent <= 1.1 * image.total_size
+        # One node fetched the whole image, its layers one after another in manifest order (a
+        # record is written when its response completed), so nodes could unpack layer 1 while
+        # layer 2 arrived.
+        layer_paths = {f"/v2/rollout/app/blobs/{layer.digest}": n
+                       for n, layer in enumerate(image.layers)}  # fmt: skip
+        gets = [r for r in registry.access_log(mark)
+                if r.method == "GET" and r.status == 200 and r.path in layer_paths]  # fmt: skip
+        assert len({r.remote.rsplit(":", 1)[0] for r in gets}) == 1, gets
+        assert [layer_paths[r.path] for r in gets] == list(range(len(image.layers))), gets
     finally:
         stop_all()
         net.destroy()

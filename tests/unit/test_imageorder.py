@@ -207,19 +207,26 @@ class FakePeers:
 class FakeUpstream:
     name = "upstream"
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, blobs: dict[Digest, Held] | None = None) -> None:
         self.body = body
+        self.blobs = blobs or {}
         self.manifest_gets = 0
+        self.asked: list[Digest] = []
 
     def endpoint(self, registry: str | None) -> object:
         return object()
 
-    async def find(self, ref: Reference, digest: Digest, kind: str) -> MemoryBlob | None:
+    async def find(self, ref: Reference, digest: Digest, kind: str) -> MemoryBlob | Held | None:
         if kind == "manifest":
             self.manifest_gets += 1
             await asyncio.sleep(0.01)
             return MemoryBlob(self.body)
-        return None
+        self.asked.append(digest)
+        return self.blobs.get(digest)
+
+
+async def read_all(blob: object) -> bytes:
+    return b"".join([c async for c in blob.open(0, blob.size)])  # type: ignore[attr-defined]
 
 
 async def test_a_node_sends_an_images_blobs_to_the_images_designated_node(
@@ -259,4 +266,54 @@ async def test_a_node_sends_an_images_blobs_to_the_images_designated_node(
         (image_node.id, "manifest", str(manifest), True),
         (image_node.id, "blob", str(layer), True),
     ]
+    await spool.close()
+
+
+async def test_the_designated_node_fetches_the_image_it_is_told_of_in_order(
+    tmp_path: Path,
+) -> None:
+    """What a node does when a peer tells it of an image: it fetches the manifest, then every
+    blob nobody holds, in order, and answers the peers' requests for them from its spool."""
+    blobs = [CONFIG, *LAYERS]
+    body = manifest_of(blobs)
+    manifest = Digest.of(body)
+    network = MemoryNetwork()
+    peers = [Peer(f"12D3KooW{i}", f"10.0.0.{i}:30020") for i in range(6)]
+    routers = [MemoryRouter(network, p) for p in peers]
+    for router in routers:
+        await router.start()
+    me = next(r for r in routers if r.peer == designated(manifest, peers))
+    held_by_peer = Digest.of(LAYERS[0])
+    await next(r for r in routers if r is not me).advertise([str(held_by_peer)])
+    opened: list[Digest] = []
+    upstream = FakeUpstream(body, {Digest.of(b): Held(b, opened) for b in blobs})
+    spool = Spool(tmp_path / "spool", 1 << 30)
+    spooler = Spooler(spool, me)
+    ordered = OrderedFetches(
+        running=spool.get,
+        needed=spooler.needed,
+        upstream=lambda ref, digest: upstream.find(ref, digest, "blob"),
+        start=spooler.start,
+    )
+    fetcher = UpstreamFetcher(
+        upstream,  # type: ignore[arg-type]
+        spooler,
+        me,
+        FakePeers(),  # type: ignore[arg-type]
+        lambda: me.peer,
+        delegate=False,  # as for a peer's request
+        images=Images(),
+        ordered=ordered,
+    )
+    assert await fetcher.find(REF, manifest, "manifest") is not None
+    last = await fetcher.find(REF, Digest.of(LAYERS[2]), "blob")
+    assert last is not None and last.source == "upstream"
+    for data in blobs:
+        upstream.blobs[Digest.of(data)].go.set()
+    assert (await read_all(last)) == LAYERS[2]
+    # The layer a peer holds was left to that peer; the rest came in manifest order.
+    assert opened == [Digest.of(b) for b in [CONFIG, LAYERS[1], LAYERS[2]]]
+    assert held_by_peer not in upstream.asked
+    assert str(Digest.of(LAYERS[1])) in network.providers  # advertised while it arrives
+    await ordered.close()
     await spool.close()
