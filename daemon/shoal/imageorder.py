@@ -36,6 +36,7 @@ from shoal.spool import Fetch
 
 log = logging.getLogger("shoal.imageorder")
 T = TypeVar("T")
+PREPARE_AT_ONCE = 8  # lookups and upstream HEADs in flight per image (an image may list 1000s)
 
 
 Where = tuple[str | None, str]  # registry and repository an image was fetched from
@@ -69,7 +70,8 @@ def image_parts(digest: Digest, body: bytes, where: Where = (None, "")) -> Image
 class Images:
     """Image manifests this node fetched from upstream lately: which image a blob belongs to.
 
-    Bounded: the `max_images` most recently learned, each for `ttl` seconds. A manifest is
+    Bounded: the `max_images` most recently learned (their bodies at most `max_bytes` together),
+    each for `ttl` seconds. A manifest is
     immutable under its digest, so its verified bytes may be served again while remembered, for
     the repository it came from.
     """
@@ -79,8 +81,11 @@ class Images:
         max_images: int = 256,
         ttl: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
+        max_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.max_images = max_images
+        self.max_bytes = max_bytes
+        self._bytes = 0
         self.ttl = ttl
         self.clock = clock
         self._images: OrderedDict[Digest, tuple[ImageParts, float]] = OrderedDict()
@@ -103,9 +108,10 @@ class Images:
             return None
         self._forget(digest)
         self._images[digest] = (parts, self.clock() + self.ttl)
+        self._bytes += len(body)
         for desc in parts.blobs:
             self._owner[desc.digest] = digest
-        while len(self._images) > self.max_images:
+        while len(self._images) > self.max_images or self._bytes > self.max_bytes:
             self._forget(next(iter(self._images)))
         return parts
 
@@ -127,6 +133,7 @@ class Images:
         entry = self._images.pop(manifest, None)
         if entry is None:
             return
+        self._bytes -= len(entry[0].body)
         for desc in entry[0].blobs:
             if self._owner.get(desc.digest) == manifest:
                 del self._owner[desc.digest]
@@ -200,14 +207,17 @@ class OrderedFetches:
             log.warning("ordered fetch of %s not started: %r", parts.manifest, exc)
 
     async def _plan(self, ref: Reference, parts: ImageParts) -> list[Fetch]:
-        # Asked all at once: whether the blob is held anywhere, and upstream's answer for it.
+        # Asked a few at a time: whether the blob is held anywhere, and upstream's answer for it.
+        asking = asyncio.Semaphore(PREPARE_AT_ONCE)
+
         async def prepare(desc: Descriptor) -> Fetch | Blob | None:
             running = self.running(desc.digest)
             if running is not None:
                 return running
-            if not await self.needed(ref, desc.digest):
-                return None
-            return await self.upstream(ref, desc.digest)
+            async with asking:
+                if not await self.needed(ref, desc.digest):
+                    return None
+                return await self.upstream(ref, desc.digest)
 
         prepared = await asyncio.gather(*(prepare(d) for d in parts.blobs))
         fetches: list[Fetch] = []  # the gated chain, in manifest order

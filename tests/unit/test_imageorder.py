@@ -183,6 +183,12 @@ def test_images_remember_what_blobs_belong_to_and_ignore_non_images() -> None:
     now[0] = 11
     assert images.image_of(Digest.of(LAYERS[2])) is None  # expired
 
+    small = Images(max_bytes=len(body) + 10)  # bodies are kept: bounded in bytes too
+    small.learn(digest, body)
+    other = manifest_of([CONFIG, LAYERS[0]])
+    assert small.learn(Digest.of(other), other) is not None
+    assert small.get(digest) is None and small.get(Digest.of(other)) is not None
+
 
 class FakePeers:
     """PeerSource.find_at as the fetcher uses it: records who was asked for what."""
