@@ -231,6 +231,14 @@ class FakeUpstream:
         return self.blobs.get(digest)
 
 
+async def started_nodes(network: MemoryNetwork, n: int) -> tuple[list[Peer], list[MemoryRouter]]:
+    peers = [Peer(f"12D3KooW{i}", f"10.0.0.{i}:30020") for i in range(n)]
+    routers = [MemoryRouter(network, p) for p in peers]
+    for router in routers:
+        await router.start()
+    return peers, routers
+
+
 async def read_all(blob: object) -> bytes:
     return b"".join([c async for c in blob.open(0, blob.size)])  # type: ignore[attr-defined]
 
@@ -241,10 +249,7 @@ async def test_a_node_sends_an_images_blobs_to_the_images_designated_node(
     body = manifest_of([CONFIG, *LAYERS])
     manifest = Digest.of(body)
     network = MemoryNetwork()
-    peers = [Peer(f"12D3KooW{i}", f"10.0.0.{i}:30020") for i in range(6)]
-    routers = [MemoryRouter(network, p) for p in peers]
-    for router in routers:
-        await router.start()
+    peers, routers = await started_nodes(network, 6)
     image_node = designated(manifest, peers)
     me = next(r for r in routers if r.peer != image_node)
     # A blob of the image whose own designated node (without the image) would be another one.
@@ -284,10 +289,7 @@ async def test_the_designated_node_fetches_the_image_it_is_told_of_in_order(
     body = manifest_of(blobs)
     manifest = Digest.of(body)
     network = MemoryNetwork()
-    peers = [Peer(f"12D3KooW{i}", f"10.0.0.{i}:30020") for i in range(6)]
-    routers = [MemoryRouter(network, p) for p in peers]
-    for router in routers:
-        await router.start()
+    peers, routers = await started_nodes(network, 6)
     me = next(r for r in routers if r.peer == designated(manifest, peers))
     held_by_peer = Digest.of(LAYERS[0])
     await next(r for r in routers if r is not me).advertise([str(held_by_peer)])
