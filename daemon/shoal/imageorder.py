@@ -71,9 +71,8 @@ class Images:
     """Image manifests this node fetched from upstream lately: which image a blob belongs to.
 
     Bounded: the `max_images` most recently learned (their bodies at most `max_bytes` together),
-    each for `ttl` seconds. A manifest is
-    immutable under its digest, so its verified bytes may be served again while remembered, for
-    the repository it came from.
+    each for `ttl` seconds. A manifest is immutable under its digest, so its verified bytes may
+    be served again while remembered, for the repository it came from.
     """
 
     def __init__(
