@@ -84,6 +84,7 @@ def main() -> int:
         for node in (n2, n3):
             say(f"{node.ns.short_name} pulls the image through its own shoal")
             before = sum(to_peers(n) for n in cluster.nodes if n is not node)
+            spooled = served(node, "upstream")
             started = time.monotonic()
             node.containerd.pull(ref)
             took = time.monotonic() - started
@@ -96,6 +97,10 @@ def main() -> int:
             print(f"    its shoal found {count:.0f} objects at peers: {redirected:.0f} large blobs"
                   " by redirecting containerd to the peer, the rest relayed")  # fmt: skip
             print(f"    peers sent {from_peers / 1e6:.1f} MB for it")
+            own = [now - then for now, then in zip(served(node, "upstream"), spooled, strict=True)]
+            if own[0]:  # the registry is down: these were fetched earlier, for the cluster
+                why = "as the image's designated fetcher, it fetched them when node 1 pulled"
+                print(f"    its own spool served {own[0]:.0f} responses ({own[1]:.1f} MB): {why}")
             if not same:
                 return 1
         say("who holds the first layer now (from the DHT)")
