@@ -15,7 +15,7 @@ from shoal.catalog import Catalog
 from shoal.config import Settings
 from shoal.containerd.client import ContainerdClient
 from shoal.fetcher import InFlightSource, Spooler, UpstreamFetcher
-from shoal.imageorder import Images, OrderedFetches
+from shoal.imageorder import OrderedFetches
 from shoal.local import LocalSource
 from shoal.nodestore import ContainerdStore
 from shoal.oci.digest import Digest
@@ -138,7 +138,6 @@ class Daemon:
                 hold=None if peering.redirect else peering.read_timeout * 0.8,
             )
         self.ordered = ordered
-        images = Images()
 
         def fetcher(delegate: bool) -> UpstreamFetcher:
             return UpstreamFetcher(
@@ -148,7 +147,6 @@ class Daemon:
                 self.peers,
                 self._me,
                 delegate=delegate,
-                images=images,
                 ordered=ordered,
             )
 

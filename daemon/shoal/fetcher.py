@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from shoal.imageorder import ImageParts, Images, OrderedFetches
+from shoal.imageorder import ImageParts, OrderedFetches
 from shoal.oci.digest import Digest
 from shoal.oci.names import Reference
 from shoal.peers import PeerSource
@@ -126,18 +126,17 @@ class UpstreamFetcher:
         me: Callable[[], Peer | None],
         *,
         delegate: bool,
-        images: Images | None = None,
         ordered: OrderedFetches | None = None,
     ) -> None:
-        """`images` and `ordered` (shared by a node's fetchers): fetch images in manifest order."""
+        """`ordered` (shared by a node's fetchers): fetch images in manifest order."""
         self.upstream = upstream
         self.spooler = spooler
         self.router = router
         self.peers = peers
         self.me = me
         self.delegate = delegate
-        self.images = images if ordered is not None else None
         self.ordered = ordered
+        self.images = None if ordered is None else ordered.images
         self._told: dict[Digest, asyncio.Future[None]] = {}  # designated nodes told of images
 
     async def resolve(self, ref: Reference) -> Descriptor | None:

@@ -170,7 +170,8 @@ Start = Callable[[Digest, Blob], Fetch | None]
 
 class OrderedFetches:
     """Starts images' upstream downloads in manifest order, `streams` at a time; once per image
-    while its downloads run (concurrent callers wait for the same start)."""
+    while its downloads run (concurrent callers wait for the same start). `images` remembers
+    which image a blob belongs to: only with this ordering may blobs follow their image."""
 
     def __init__(
         self,
@@ -182,7 +183,9 @@ class OrderedFetches:
         streams: int = 1,
         ungated_below: int = 1024 * 1024,
         hold: float | None = None,
+        images: Images | None = None,
     ) -> None:
+        self.images = images if images is not None else Images()
         self.running = running
         self.needed = needed
         self.upstream = upstream

@@ -264,7 +264,6 @@ async def test_a_node_sends_an_images_blobs_to_the_images_designated_node(
         fake_peers,  # type: ignore[arg-type]
         lambda: me.peer,
         delegate=True,
-        images=Images(),
         ordered=OrderedFetches(running=spool.get, needed=None, upstream=None, start=None),  # type: ignore[arg-type]
     )
     got = await asyncio.gather(*(fetcher.find(REF, manifest, "manifest") for _ in range(3)))
@@ -310,7 +309,6 @@ async def test_the_designated_node_fetches_the_image_it_is_told_of_in_order(
         FakePeers(),  # type: ignore[arg-type]
         lambda: me.peer,
         delegate=False,  # as for a peer's request
-        images=Images(),
         ordered=ordered,
     )
     assert await fetcher.find(REF, manifest, "manifest") is not None
