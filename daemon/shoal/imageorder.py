@@ -259,7 +259,7 @@ class OrderedFetches:
         task.add_done_callback(self._forgetters.discard)
 
     async def close(self) -> None:
-        tasks = [*self._plans.values(), *self._forgetters]
+        tasks: list[asyncio.Future[Any]] = [*self._plans.values(), *self._forgetters]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -33,9 +33,14 @@ class Blob(Protocol):
     holds back the end of every read until the digest matched; everything else is re-hashed.
     """
 
-    size: int
-    source: str
-    verified: bool
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def verified(self) -> bool: ...
 
     def open(self, start: int, end: int) -> AsyncIterator[bytes]:
         """Yield bytes [start, end) in order; may raise OSError/ConnectionError midway."""

@@ -65,9 +65,8 @@ class NodeImage:
 def platform_text(platform: Any) -> str | None:
     if not isinstance(platform, Mapping):
         return None
-    parts = [platform.get("os"), platform.get("architecture"), platform.get("variant")]
-    parts = [p for p in parts if isinstance(p, str) and p]
-    return "/".join(parts) or None
+    fields = [platform.get("os"), platform.get("architecture"), platform.get("variant")]
+    return "/".join(p for p in fields if isinstance(p, str) and p) or None
 
 
 def child_descriptor(entry: Any) -> Descriptor | None:

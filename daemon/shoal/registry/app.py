@@ -385,8 +385,8 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path_qs)
         kind = "manifests" if "/manifests/" in request.path else "blobs"
-        err = (ManifestUnknown if kind == "manifests" else BlobUnknown)("internal error; see logs")
-        resp = error_response(err, request)
+        internal = ManifestUnknown if kind == "manifests" else BlobUnknown
+        resp = error_response(internal("internal error; see logs"), request)
     took = time.monotonic() - started
     metrics.observe(request.method, took)
     if log.isEnabledFor(logging.DEBUG):  # an access log at debug level

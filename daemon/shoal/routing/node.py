@@ -502,6 +502,7 @@ class P2PNode:
     # ----------------------------------------------------------------- announce
 
     def _own_info(self) -> PeerInfo:
+        assert self.peer_id is not None
         return PeerInfo(self.peer_id, self._own_addrs())
 
     def _own_addrs(self) -> list[Multiaddr]:

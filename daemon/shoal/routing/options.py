@@ -100,11 +100,11 @@ def default_announce_ip() -> str:
         import ifaddr  # comes with libp2p (via zeroconf); optional
 
         for adapter in ifaddr.get_adapters():
-            for ip in adapter.ips:
-                if isinstance(ip.ip, str):
-                    candidates.append(ip.ip)
+            for entry in adapter.ips:
+                if isinstance(entry.ip, str):
+                    candidates.append(entry.ip)
                 else:
-                    candidates.append(ip.ip[0].split("%")[0])
+                    candidates.append(entry.ip[0].split("%")[0])
     except Exception:
         pass
     try:

@@ -45,7 +45,7 @@ def apply_process_patches(
     from libp2p.custom_types import TProtocol
     from libp2p.kad_dht import common, kad_dht, peer_routing, provider_store, value_store
 
-    modules = {
+    modules: dict[str, Any] = {
         "common": common,
         "kad_dht": kad_dht,
         "provider_store": provider_store,
@@ -59,13 +59,13 @@ def apply_process_patches(
 
     # Provider records live 48 h and are read from this global at call time. Shoal re-announces
     # every few minutes, so a dead node's records must vanish within tens of minutes.
-    provider_store.PROVIDER_RECORD_EXPIRATION_INTERVAL = record_ttl
+    provider_store.PROVIDER_RECORD_EXPIRATION_INTERVAL = record_ttl  # type: ignore[assignment]
 
     # The inbound DHT handler reads with no timeout: idle streams hold the inbound limiter's
     # slots forever. The name is only used by that handler in kad_dht.py; a timed-out read
     # raises inside its `except Exception` branch, which resets the stream.
     original = _applied.setdefault("read", kad_dht.read_varint_prefixed_bytes_limited)
-    kad_dht.read_varint_prefixed_bytes_limited = _with_timeout(original, inbound_read_timeout)
+    kad_dht.read_varint_prefixed_bytes_limited = _with_timeout(original, inbound_read_timeout)  # type: ignore[assignment]
     _applied["protocol_id"] = protocol_id
     shield_yamux_writes()
     batch_yamux_window_updates()

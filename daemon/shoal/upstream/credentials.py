@@ -47,9 +47,9 @@ def _entry(value: Any) -> UserPass | None:
         except (binascii.Error, UnicodeDecodeError):
             return None
         return (user, password) if sep and user else None
-    user, password = value.get("username"), value.get("password")
-    if isinstance(user, str) and isinstance(password, str) and user:
-        return user, password
+    name, secret = value.get("username"), value.get("password")
+    if isinstance(name, str) and isinstance(secret, str) and name:
+        return name, secret
     return None  # identity/registry tokens (OAuth refresh) are not supported
 
 
