@@ -26,9 +26,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from shoal.containerd.walk import children
 from shoal.oci.digest import Digest
 from shoal.oci.errors import DigestInvalid
+from shoal.oci.manifest import children
 from shoal.oci.mediatypes import MANIFEST_TYPES, manifest_media_type, parse_manifest
 from shoal.oci.names import Reference
 from shoal.sources import Blob, Descriptor

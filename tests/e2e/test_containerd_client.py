@@ -11,14 +11,9 @@ from datetime import timedelta
 import grpc
 import pytest
 
-from shoal.containerd import (
-    ContainerdClient,
-    ContainerdError,
-    ContainerdNotFound,
-    Event,
-    watch,
-)
+from shoal.containerd import ContainerdError, ContainerdNotFound, Event, watch
 from shoal.containerd.api import content_pb2
+from shoal.containerd.ingest import IngestClient as ContainerdClient
 from shoal.oci.mediatypes import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from tests.harness import images
 from tests.harness.containerd import ContainerdNode

@@ -23,7 +23,8 @@ from shoal.containerd import (
     watch,
 )
 from shoal.containerd.api import content_events_pb2, events_pb2, images_pb2
-from shoal.containerd.client import DISK_CHUNK, socket_target
+from shoal.containerd.connection import socket_target
+from shoal.containerd.content import DISK_CHUNK
 from shoal.oci.errors import DigestInvalid
 
 
@@ -196,7 +197,7 @@ class FakeClient:
         self.script = script
         self.calls: list[FakeCall] = []
 
-    def _subscription(self, filters: list[str]) -> FakeCall:
+    def subscription(self, filters: list[str]) -> FakeCall:
         down, events = self.script.pop(0) if self.script else (False, [])
         self.calls.append(FakeCall(filters, down, events))
         return self.calls[-1]
@@ -210,7 +211,7 @@ class FakeClient:
             call.probe = topic
             call.probed.set()
 
-    async def _events_of(self, call: FakeCall) -> AsyncIterator[Event]:
+    async def events_of(self, call: FakeCall) -> AsyncIterator[Event]:
         # An event from before the subscription was confirmed: the resync covers it.
         yield ev("early")
         if call.down:
@@ -254,7 +255,7 @@ async def test_watch_resubscribes_and_resyncs_after_every_break() -> None:
 
     task = asyncio.create_task(
         watch(
-            client,  # type: ignore[arg-type]
+            client,
             on_event,
             on_resync,
             filters=['topic=="/images/create"'],

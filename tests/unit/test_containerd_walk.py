@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from shoal.containerd.model import ContainerdNotFound, Descriptor
+from shoal.containerd.model import ContainerdNotFound
 from shoal.containerd.walk import NodeImage, walk
+from shoal.oci.manifest import RawDescriptor as Descriptor
 from shoal.oci.mediatypes import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,

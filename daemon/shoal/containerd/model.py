@@ -10,6 +10,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from shoal.containerd.api import content_pb2, images_pb2, leases_pb2, types_pb2
+from shoal.oci.manifest import RawDescriptor
 
 
 class ContainerdError(Exception):
@@ -47,18 +48,8 @@ def _time(msg: object, name: str) -> datetime | None:
     return ts.ToDatetime(tzinfo=UTC)
 
 
-@dataclass(frozen=True)
-class Descriptor:
-    """A content descriptor: what a manifest, an index or an image record points at."""
-
-    media_type: str
-    digest: str
-    size: int
-    annotations: Mapping[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_proto(cls, msg: types_pb2.Descriptor) -> Descriptor:
-        return cls(msg.media_type, msg.digest, msg.size, dict(msg.annotations))
+def descriptor_from_proto(msg: types_pb2.Descriptor) -> RawDescriptor:
+    return RawDescriptor(msg.media_type, msg.digest, msg.size, dict(msg.annotations))
 
 
 @dataclass(frozen=True)
@@ -66,7 +57,7 @@ class Image:
     """An image record: a name (`host/repo:tag` or `host/repo@sha256:…`) and its target."""
 
     name: str
-    target: Descriptor
+    target: RawDescriptor
     labels: Mapping[str, str] = field(default_factory=dict)
     created_at: datetime | None = None
     updated_at: datetime | None = None
@@ -75,7 +66,7 @@ class Image:
     def from_proto(cls, msg: images_pb2.Image) -> Image:
         return cls(
             name=msg.name,
-            target=Descriptor.from_proto(msg.target),
+            target=descriptor_from_proto(msg.target),
             labels=dict(msg.labels),
             created_at=_time(msg, "created_at"),
             updated_at=_time(msg, "updated_at"),

@@ -7,30 +7,28 @@ normally absent; that is not an error. What a present manifest references but th
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
 
-from shoal.containerd.model import ContainerdNotFound, Descriptor
+from shoal.containerd.model import ContainerdNotFound
 from shoal.oci.digest import Digest
 from shoal.oci.errors import DigestInvalid
+from shoal.oci.manifest import Kind, RawDescriptor, children, platform_text
 from shoal.oci.mediatypes import (
     INDEX_TYPES,
-    MANIFEST_TYPES,
     MAX_MANIFEST_BYTES,
     manifest_media_type,
     parse_manifest,
 )
 
-Kind = Literal["index", "manifest", "config", "layer", "blob"]
-Fetch = Callable[[str], Awaitable[bytes]]
+ReadManifest = Callable[[str], Awaitable[bytes]]
 Has = Callable[[str], Awaitable[bool]]
 # Indexes may nest; a bound keeps a malicious or broken store from recursing forever.
 MAX_DEPTH = 4
 
 
 @dataclass(frozen=True)
-class Blob:
+class ImageBlob:
     """One blob of an image present on the node. `platform` (`os/arch[/variant]`) is set for
     manifests reached through an index that declares one. `kind` "blob" is content whose
     manifest type shoal does not know (kept so it can still be served by digest)."""
@@ -45,8 +43,8 @@ class Blob:
 @dataclass(frozen=True)
 class NodeImage:
     name: str
-    target: Descriptor
-    blobs: tuple[Blob, ...]
+    target: RawDescriptor
+    blobs: tuple[ImageBlob, ...]
     missing: tuple[str, ...] = ()
 
     @property
@@ -58,66 +56,19 @@ class NodeImage:
         """The target and everything its present manifests reference are in the store."""
         return bool(self.blobs) and not self.missing
 
-    def get(self, digest: str) -> Blob | None:
+    def get(self, digest: str) -> ImageBlob | None:
         return next((b for b in self.blobs if b.digest == digest), None)
 
 
-def platform_text(platform: Any) -> str | None:
-    if not isinstance(platform, Mapping):
-        return None
-    fields = [platform.get("os"), platform.get("architecture"), platform.get("variant")]
-    return "/".join(p for p in fields if isinstance(p, str) and p) or None
-
-
-def child_descriptor(entry: Any) -> Descriptor | None:
-    """A descriptor from manifest JSON, or None when it is malformed (it is then skipped)."""
-    if not isinstance(entry, Mapping):
-        return None
-    digest, size, media_type = entry.get("digest"), entry.get("size"), entry.get("mediaType", "")
-    if not isinstance(digest, str) or not isinstance(media_type, str):
-        return None
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        return None
-    try:
-        Digest.parse(digest)
-    except DigestInvalid:
-        return None
-    annotations = entry.get("annotations")
-    if not isinstance(annotations, Mapping):
-        annotations = {}
-    return Descriptor(media_type, digest, size, dict(annotations))
-
-
-def children(doc: Mapping[str, Any], media_type: str) -> list[tuple[Descriptor, Kind, Any]]:
-    """What a manifest or an index references: (descriptor, kind, platform JSON)."""
-    out: list[tuple[Descriptor, Kind, Any]] = []
-    if media_type in INDEX_TYPES:
-        entries = doc.get("manifests")
-        for entry in entries if isinstance(entries, list) else ():
-            desc = child_descriptor(entry)
-            if desc is not None:
-                out.append((desc, "manifest", entry.get("platform")))
-    elif media_type in MANIFEST_TYPES:
-        config = child_descriptor(doc.get("config"))
-        if config is not None:
-            out.append((config, "config", None))
-        layers = doc.get("layers")
-        for entry in layers if isinstance(layers, list) else ():
-            desc = child_descriptor(entry)
-            if desc is not None:
-                out.append((desc, "layer", None))
-    return out
-
-
-async def walk(name: str, target: Descriptor, fetch: Fetch, has: Has) -> NodeImage:
+async def walk(name: str, target: RawDescriptor, fetch: ReadManifest, has: Has) -> NodeImage:
     """Walks the image from `target`. `fetch(digest)` returns a manifest's bytes (raising
     ContainerdNotFound if gone, ValueError if too large); `has(digest)` tells whether the
     store holds a committed blob."""
-    found: dict[str, Blob] = {}
+    found: dict[str, ImageBlob] = {}
     missing: list[str] = []
 
     async def visit(
-        desc: Descriptor, kind: Kind, platform: str | None, depth: int, optional: bool
+        desc: RawDescriptor, kind: Kind, platform: str | None, depth: int, optional: bool
     ) -> None:
         if desc.digest in found or desc.digest in missing:
             return
@@ -126,7 +77,7 @@ async def walk(name: str, target: Descriptor, fetch: Fetch, has: Has) -> NodeIma
                 missing.append(desc.digest)
             return
         if kind in ("config", "layer"):
-            found[desc.digest] = Blob(desc.digest, desc.media_type, desc.size, kind)
+            found[desc.digest] = ImageBlob(desc.digest, desc.media_type, desc.size, kind)
             return
         body: bytes | None = None
         if desc.size <= MAX_MANIFEST_BYTES:
@@ -142,10 +93,12 @@ async def walk(name: str, target: Descriptor, fetch: Fetch, has: Has) -> NodeIma
         media_type = manifest_media_type(body, desc.media_type) if body is not None else None
         doc = parse_manifest(body) if body is not None and media_type else None
         if media_type is None or doc is None:
-            found[desc.digest] = Blob(desc.digest, desc.media_type, desc.size, "blob", platform)
+            found[desc.digest] = ImageBlob(
+                desc.digest, desc.media_type, desc.size, "blob", platform
+            )
             return
         is_index = media_type in INDEX_TYPES
-        found[desc.digest] = Blob(
+        found[desc.digest] = ImageBlob(
             desc.digest,
             media_type,
             desc.size,

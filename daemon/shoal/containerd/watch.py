@@ -13,12 +13,23 @@ import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from shoal.containerd.client import DEFAULT_EVENT_FILTERS, ContainerdClient, quote_filter
+from shoal.containerd.connection import quote_filter
+from shoal.containerd.events import DEFAULT_EVENT_FILTERS
 from shoal.containerd.model import ContainerdError, Event
 
 log = logging.getLogger("shoal.containerd")
+
+
+class EventSource(Protocol):
+    """What the watcher needs of containerd (shoal.containerd.events.EventCalls)."""
+
+    def subscription(self, filters: Sequence[str] | None) -> Any: ...
+
+    def events_of(self, call: Any) -> AsyncGenerator[Event, None]: ...
+
+    async def publish(self, topic: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -46,7 +57,7 @@ class Backoff:
 
 
 async def _confirm(
-    client: ContainerdClient, events: AsyncGenerator[Event, None], probe: str, limit: float
+    client: EventSource, events: AsyncGenerator[Event, None], probe: str, limit: float
 ) -> None:
     """Returns once a probe event published on `probe` came back through `events`.
 
@@ -73,7 +84,7 @@ async def _confirm(
 
 
 async def watch(
-    client: ContainerdClient,
+    client: EventSource,
     on_event: Callable[[Event], Awaitable[None]],
     on_resync: Callable[[], Awaitable[None]],
     *,
@@ -89,7 +100,7 @@ async def watch(
     one comes back (gRPC cannot tell when containerd has registered a subscriber).
     Any exception (stream error, end of stream, or one raised by a callback) counts as a
     break: `on_break` is told, and after a backoff delay the cycle starts again. Cancel the
-    task to stop. `filters` are as for ContainerdClient.subscribe.
+    task to stop. `filters` are as for EventCalls.subscribe.
     """
     next_delay = backoff.delays()
     wanted = list(DEFAULT_EVENT_FILTERS if filters is None else filters)
@@ -99,8 +110,8 @@ async def watch(
         events: AsyncGenerator[Event, None] | None = None
         try:
             probe = f"/shoal/sync/{os.urandom(8).hex()}"
-            call = client._subscription([*wanted, f"topic=={quote_filter(probe)}"])
-            events = client._events_of(call)
+            call = client.subscription([*wanted, f"topic=={quote_filter(probe)}"])
+            events = client.events_of(call)
             await _confirm(client, events, probe, probe_timeout)
             await on_resync()
             async for event in events:
