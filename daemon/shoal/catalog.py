@@ -17,19 +17,29 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Protocol
 
 from shoal import metrics
 from shoal.containerd.client import ContainerdClient
 from shoal.containerd.model import ContainerdError, Event
 from shoal.containerd.watch import watch
-from shoal.routing.base import Router
 
 log = logging.getLogger("shoal.catalog")
 
 # Events come in bursts (a pull creates up to three image records): one rebuild per burst.
 DEBOUNCE = 0.3
+
+
+class Advertiser(Protocol):
+    """What the catalog needs of the router."""
+
+    async def advertise(self, keys: Iterable[str]) -> None: ...
+
+    async def withdraw(self, keys: Iterable[str]) -> None: ...
+
+    def ready(self) -> bool: ...
 
 
 def tag_key(image_name: str) -> str | None:
@@ -58,7 +68,7 @@ class Catalog:
     def __init__(
         self,
         client: ContainerdClient,
-        router: Router,
+        router: Advertiser,
         resync_interval: float,
         read_keys: Callable[[ContainerdClient], Awaitable[set[str]]] = node_keys,
         state_file: Path | None = None,

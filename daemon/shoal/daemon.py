@@ -7,6 +7,7 @@ import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from aiohttp import web
 
@@ -14,17 +15,22 @@ from shoal import logs, metrics
 from shoal.catalog import Catalog
 from shoal.config import Settings
 from shoal.containerd.client import ContainerdClient
-from shoal.fetcher import InFlightSource, Spooler, UpstreamFetcher
-from shoal.imageorder import OrderedFetches
-from shoal.local import LocalSource
-from shoal.nodestore import ContainerdStore
+from shoal.fetch.designate import Designation
+from shoal.fetch.imageorder import OrderedFetches
+from shoal.fetch.sharing import SharedFetches
+from shoal.fetch.spool import Spool
 from shoal.oci.digest import Digest
-from shoal.peers import PeerSettings, PeerSource
-from shoal.registry.app import SourceChain, make_app
+from shoal.registry.app import make_app
+from shoal.registry.transfer import PeerTransfer
 from shoal.routing.base import Peer, Router
 from shoal.routing.factory import make_router
-from shoal.spool import Spool
-from shoal.tags import TagPolicy
+from shoal.sources.chain import SourceChain
+from shoal.sources.inflight import InFlightSource
+from shoal.sources.local import LocalSource
+from shoal.sources.nodestore import ContainerdStore
+from shoal.sources.peers import PeerSource, ProviderLookup
+from shoal.sources.tags import TagPolicy
+from shoal.sources.upstream import UpstreamFetcher
 from shoal.upstream import UpstreamSource
 
 log = logging.getLogger("shoal")
@@ -42,7 +48,11 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def health_app(ready: Callable[[], bool], router: Router) -> web.Application:
+class RoutingView(ProviderLookup, Protocol):
+    def ready(self) -> bool: ...
+
+
+def health_app(ready: Callable[[], bool], router: RoutingView) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -79,9 +89,11 @@ class Daemon:
             namespace=settings.containerd_namespace,
             content_root=settings.content_root or None,
         )
-        self.router = make_router(settings, split_host_port(settings.listen)[1])
-        self.peers = PeerSource(
-            self.router, PeerSettings(redirect=settings.peer_transfer == "redirect")
+        self.router: Router = make_router(settings, split_host_port(settings.listen)[1])
+        self.peers = PeerSource(self.router)
+        self.transfer = PeerTransfer(
+            redirect=settings.peer_transfer == "redirect",
+            relay_timeout=self.peers.settings.read_timeout,
         )
         self.catalog = Catalog(
             self.client,
@@ -90,9 +102,7 @@ class Daemon:
             state_file=Path(settings.data_dir) / "advertised.json",
         )
         # The registry and the spool verify every byte already; a third hash would only cost.
-        self.upstream = UpstreamSource.from_settings(
-            settings, tag_ttl=settings.tag_ttl, verify_blobs=False
-        )
+        self.upstream = UpstreamSource.from_settings(settings, verify_blobs=False)
         self.store = ContainerdStore(self.client)
         self.spool = Spool(
             Path(settings.data_dir) / "spool",
@@ -120,34 +130,28 @@ class Daemon:
             root,
         )
         local = LocalSource(self.store)
-        spooler = Spooler(self.spool, self.router)
-        inflight = InFlightSource(spooler)
+        sharing = SharedFetches(self.spool, self.router)
+        inflight = InFlightSource(sharing)
 
         ordered = None
         if self.settings.ordered_streams > 0:
-            peering = self.peers.settings
             ordered = OrderedFetches(
                 running=self.spool.get,
-                needed=spooler.needed,
+                needed=sharing.needed,
                 upstream=lambda ref, digest: self.upstream.find(ref, digest, "blob"),
-                start=spooler.start,
+                start=sharing.start,
                 streams=self.settings.ordered_streams,
-                # Smaller blobs, and all of them in relay mode, are relayed by other nodes,
-                # which give up on a peer silent for read_timeout: they must not wait longer.
-                ungated_below=peering.redirect_min,
-                hold=None if peering.redirect else peering.read_timeout * 0.8,
+                # Blobs other nodes relay must not wait longer than they wait for a peer.
+                ungated_below=self.transfer.redirect_min,
+                hold=self.transfer.longest_silence(),
             )
         self.ordered = ordered
+        images = None if ordered is None else ordered.images
+        designation = Designation(self.router, self._me, images)
 
         def fetcher(delegate: bool) -> UpstreamFetcher:
             return UpstreamFetcher(
-                self.upstream,
-                spooler,
-                self.router,
-                self.peers,
-                self._me,
-                delegate=delegate,
-                ordered=ordered,
+                self.upstream, sharing, designation, self.peers, delegate=delegate, ordered=ordered
             )
 
         chain = SourceChain(
@@ -157,7 +161,9 @@ class Daemon:
             tags=TagPolicy(self.settings.tag_policy, self.upstream),
         )
         # The registry first: bootstrap of other nodes asks it for this node's peer ID.
-        app = make_app(chain, p2p_info=lambda: self.router.node_info().to_json())
+        app = make_app(
+            chain, p2p_info=lambda: self.router.node_info().to_json(), transfer=self.transfer
+        )
         await self._serve(app, self.settings.listen, "registry")
         await self._serve(
             health_app(self.ready, self.router), self.settings.metrics_listen, "metrics"

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes.files import snapshot
 from tests.harness import images
 from tests.harness.containerd import ContainerdNode
 from tests.harness.cutproxy import CutProxy
 from tests.harness.procs import stop_all
 from tests.harness.registry import Registry
 from tests.harness.shoal import ShoalDaemon
-from tests.unit.test_hostsconfig import snapshot
 
 pytestmark = pytest.mark.e2e
 

@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.unit.test_upstream_fakes import Servers, open_servers
+from tests.fakes.registries import Servers, open_servers
 
 
 @pytest.fixture
 async def servers() -> AsyncIterator[Servers]:
-    """Fake registries, a token server and a CDN on 127.0.0.1 (see test_upstream_fakes)."""
+    """Fake registries, a token server and a CDN on 127.0.0.1 (see tests/fakes/registries.py)."""
     async for s in open_servers():
         yield s

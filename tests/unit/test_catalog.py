@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from shoal.catalog import Catalog, tag_key
-from shoal.routing import MemoryNetwork, MemoryRouter, Peer
+from shoal.routing import Peer
+from tests.fakes.router import MemoryNetwork, MemoryRouter
 
 
 class Holdings:

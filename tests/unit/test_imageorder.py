@@ -8,16 +8,18 @@ import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from shoal.fetcher import Spooler, UpstreamFetcher, designated
-from shoal.imageorder import Images, OrderedFetches, image_parts
+from shoal.content.memory import MemoryBlob
+from shoal.content.model import STREAMED, Delivery, SourceKind
+from shoal.fetch.designate import Designation, designated
+from shoal.fetch.imageorder import Images, OrderedFetches, image_parts
+from shoal.fetch.sharing import SharedFetches
+from shoal.fetch.spool import Spool
 from shoal.oci import mediatypes as mt
 from shoal.oci.digest import Digest
 from shoal.oci.names import Reference
-from shoal.registry.app import FETCH_HEADER
 from shoal.routing import Peer
-from shoal.routing.memory import MemoryNetwork, MemoryRouter
-from shoal.spool import Spool
-from shoal.upstream.blobs import MemoryBlob
+from shoal.sources.upstream import UpstreamFetcher
+from tests.fakes.router import MemoryNetwork, MemoryRouter
 
 MIB = 1024 * 1024
 REF = Reference(registry="registry.test", repository="team/app", tag=None, digest=None)
@@ -26,9 +28,10 @@ REF = Reference(registry="registry.test", repository="team/app", tag=None, diges
 class Held:
     """A source Blob that sends its bytes only once the test lets it; records when it opened."""
 
-    source = "upstream"
-    path = None
-    verified = False
+    source = SourceKind.UPSTREAM
+
+    def delivery(self) -> Delivery:
+        return STREAMED
 
     def __init__(self, data: bytes, opened: list[Digest]) -> None:
         self.data, self.size, self.digest = data, len(data), Digest.of(data)
@@ -201,13 +204,13 @@ class FakePeers:
         peers: list[Peer],
         ref: Reference,
         digest: Digest,
-        headers: dict[str, str] | None = None,
         *,
+        fetch: bool = False,
         kind: str = "blob",
         patience: float | None = None,
     ) -> MemoryBlob | None:
-        self.asked.append((peers[0].id, kind, str(digest), FETCH_HEADER in (headers or {})))
-        return MemoryBlob(b"x", "peer")
+        self.asked.append((peers[0].id, kind, str(digest), fetch))
+        return MemoryBlob(b"x", SourceKind.PEER)
 
 
 class FakeUpstream:
@@ -222,11 +225,17 @@ class FakeUpstream:
     def endpoint(self, registry: str | None) -> object:
         return object()
 
+    async def resolve(self, ref: Reference) -> None:
+        return None
+
+    async def manifest(self, ref: Reference, digest: Digest) -> MemoryBlob | None:
+        self.manifest_gets += 1
+        await asyncio.sleep(0.01)
+        return MemoryBlob(self.body)
+
     async def find(self, ref: Reference, digest: Digest, kind: str) -> MemoryBlob | Held | None:
         if kind == "manifest":
-            self.manifest_gets += 1
-            await asyncio.sleep(0.01)
-            return MemoryBlob(self.body)
+            return await self.manifest(ref, digest)
         self.asked.append(digest)
         return self.blobs.get(digest)
 
@@ -257,14 +266,14 @@ async def test_a_node_sends_an_images_blobs_to_the_images_designated_node(
                  if designated(d.digest, peers) != image_node)  # fmt: skip
     spool = Spool(tmp_path / "spool", 1 << 30)
     upstream, fake_peers = FakeUpstream(body), FakePeers()
+    ordered = OrderedFetches(running=spool.get, needed=None, upstream=None, start=None)  # type: ignore[arg-type]
     fetcher = UpstreamFetcher(
-        upstream,  # type: ignore[arg-type]
-        Spooler(spool, me),
-        me,
-        fake_peers,  # type: ignore[arg-type]
-        lambda: me.peer,
+        upstream,
+        SharedFetches(spool, me),
+        Designation(me, lambda: me.peer, ordered.images),
+        fake_peers,
         delegate=True,
-        ordered=OrderedFetches(running=spool.get, needed=None, upstream=None, start=None),  # type: ignore[arg-type]
+        ordered=ordered,
     )
     got = await asyncio.gather(*(fetcher.find(REF, manifest, "manifest") for _ in range(3)))
     assert all(isinstance(b, MemoryBlob) and b.data == body for b in got)
@@ -295,19 +304,18 @@ async def test_the_designated_node_fetches_the_image_it_is_told_of_in_order(
     opened: list[Digest] = []
     upstream = FakeUpstream(body, {Digest.of(b): Held(b, opened) for b in blobs})
     spool = Spool(tmp_path / "spool", 1 << 30)
-    spooler = Spooler(spool, me)
+    sharing = SharedFetches(spool, me)
     ordered = OrderedFetches(
         running=spool.get,
-        needed=spooler.needed,
+        needed=sharing.needed,
         upstream=lambda ref, digest: upstream.find(ref, digest, "blob"),
-        start=spooler.start,
+        start=sharing.start,
     )
     fetcher = UpstreamFetcher(
-        upstream,  # type: ignore[arg-type]
-        spooler,
-        me,
-        FakePeers(),  # type: ignore[arg-type]
-        lambda: me.peer,
+        upstream,
+        sharing,
+        Designation(me, lambda: me.peer, ordered.images),
+        FakePeers(),
         delegate=False,  # as for a peer's request
         ordered=ordered,
     )

@@ -39,7 +39,7 @@ async def test_debug_providers_answers_503_until_routing_is_ready() -> None:
 
     from shoal.daemon import health_app
     from shoal.routing import Peer
-    from shoal.routing.memory import MemoryNetwork, MemoryRouter
+    from tests.fakes.router import MemoryNetwork, MemoryRouter
 
     net = MemoryNetwork()
     me, other = Peer("me", "10.0.0.1:30020"), Peer("other", "10.0.0.2:30020")

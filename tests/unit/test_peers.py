@@ -12,11 +12,16 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from shoal.local import LocalSource, MemoryStore
-from shoal.peers import PeerSettings, PeerSource
-from shoal.registry.app import PEER_HEADER, PEER_QUERY, SourceChain, make_app
-from shoal.routing import MemoryNetwork, MemoryRouter, Peer
-from tests.unit.test_registry import LAYER, NS, build_image
+from shoal.registry.app import make_app
+from shoal.registry.protocol import PEER_HEADER, PEER_QUERY
+from shoal.registry.transfer import PeerTransfer
+from shoal.routing import Peer
+from shoal.sources.chain import SourceChain
+from shoal.sources.local import LocalSource
+from shoal.sources.peers import PeerSettings, PeerSource
+from tests.fakes.images import LAYER, NS, build_image
+from tests.fakes.router import MemoryNetwork, MemoryRouter
+from tests.fakes.store import MemoryStore
 
 
 class Cluster:
@@ -36,17 +41,12 @@ class Cluster:
         """A node; it relays peers' bytes itself unless `redirect` (then even small blobs)."""
         store = store or MemoryStore()
         holder: dict[str, MemoryRouter] = {}
-        settings = PeerSettings(
-            hedge_after=0.1,
-            header_timeout=header_timeout,
-            read_timeout=1.0,
-            redirect=redirect,
-            redirect_min=0,
-        )
+        settings = PeerSettings(hedge_after=0.1, header_timeout=header_timeout, read_timeout=1.0)
         peers = PeerSource(_Counting(holder, self.lookups), settings)
         local = LocalSource(store)
-        server = TestServer(app or make_app(SourceChain([local, peers], [local])),
-                            host="127.0.0.1")  # fmt: skip
+        transfer = PeerTransfer(redirect=redirect, redirect_min=0)
+        app = app or make_app(SourceChain([local, peers], [local]), transfer=transfer)
+        server = TestServer(app, host="127.0.0.1")
         await server.start_server()
         router = MemoryRouter(self.net, Peer(name, f"127.0.0.1:{server.port}"))
         holder["r"] = router

@@ -4,46 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from shoal.local import LocalSource, MemoryStore
+from shoal.content.model import STREAMED, Delivery, SourceKind
+from shoal.fetch.spool import Spool, SpoolBlob
 from shoal.oci import mediatypes as mt
 from shoal.oci.digest import Digest
-from shoal.registry.app import PEER_HEADER, SourceChain, make_app
-from shoal.spool import Spool, SpoolBlob
-
-NS = "127.0.0.1:5000"
-LAYER = bytes(range(256)) * 4096 * 3  # 3 MiB: several chunks, and over sendfile's hold-back
-
-
-def build_image(store: MemoryStore) -> dict[str, object]:
-    config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
-    cdig, ldig = store.add(config), store.add(LAYER)
-    # An OCI manifest without a mediaType field: its shape must decide the Content-Type.
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": str(cdig),
-                "size": len(config),
-            },
-            "layers": [
-                {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": str(ldig),
-                    "size": len(LAYER),
-                }
-            ],
-        }
-    ).encode()
-    desc = store.tag(f"{NS}/team/app:v1", mt.OCI_MANIFEST, manifest)
-    return {"manifest": manifest, "mdig": desc.digest, "cdig": cdig, "ldig": ldig}
+from shoal.registry.app import ByteCache, make_app
+from shoal.registry.protocol import PEER_HEADER
+from shoal.sources.chain import SourceChain
+from shoal.sources.local import LocalSource
+from tests.fakes.images import LAYER, NS, build_image
+from tests.fakes.store import FileStore, MemoryStore
 
 
 @pytest.fixture
@@ -220,23 +196,6 @@ def test_digest_fixture_is_consistent() -> None:
     assert Digest.of(LAYER).hex == hashlib.sha256(LAYER).hexdigest()
 
 
-class FileStore(MemoryStore):
-    """Blobs also written to files, so the registry takes its sendfile path."""
-
-    def __init__(self, root) -> None:
-        super().__init__()
-        self.root = root
-
-    def add(self, data: bytes, digest: Digest | None = None) -> Digest:
-        digest = super().add(data, digest)
-        (self.root / digest.hex).write_bytes(data)
-        return digest
-
-    def content_path(self, digest: Digest) -> str | None:
-        path = self.root / digest.hex
-        return str(path) if path.exists() else None
-
-
 async def test_local_files_are_verified_before_completion(tmp_path) -> None:
     store = FileStore(tmp_path)
     image = build_image(store)
@@ -266,8 +225,6 @@ async def test_local_files_are_verified_before_completion(tmp_path) -> None:
 
 
 def test_byte_cache_is_bounded_and_least_recently_used_goes_first() -> None:
-    from shoal.registry.app import ByteCache
-
     cache = ByteCache(10)
     a, b, c = (Digest.of(bytes([i])) for i in range(3))
     cache.put(a, b"aaaa")
@@ -283,9 +240,10 @@ def test_byte_cache_is_bounded_and_least_recently_used_goes_first() -> None:
 class SlowBlob:
     """An upstream-like blob whose bytes come a piece at a time."""
 
-    source = "upstream"
-    path = None
-    verified = False
+    source = SourceKind.UPSTREAM
+
+    def delivery(self) -> Delivery:
+        return STREAMED
 
     def __init__(self, data: bytes) -> None:
         self.data, self.size = data, len(data)
@@ -299,7 +257,7 @@ class SlowBlob:
 class SpoolingSource:
     """Like the upstream fetcher: every blob found goes through the spool."""
 
-    name = "upstream"
+    name = SourceKind.UPSTREAM
 
     def __init__(self, spool: Spool, data: bytes) -> None:
         self.spool, self.data = spool, data
@@ -309,7 +267,7 @@ class SpoolingSource:
 
     async def find(self, ref: object, digest: Digest, kind: str) -> SpoolBlob | None:
         fetch = self.spool.start(digest, SlowBlob(self.data))
-        return None if fetch is None else SpoolBlob(fetch, "upstream")
+        return None if fetch is None else SpoolBlob(fetch, SourceKind.UPSTREAM)
 
 
 async def test_a_get_that_starts_a_spool_fetch_gets_the_whole_body(tmp_path) -> None:

@@ -12,7 +12,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from shoal.config import Settings
-from shoal.routing import P2P_INFO_PATH, NodeInfo, make_router
+from shoal.registry.protocol import P2P_INFO_PATH
+from shoal.routing import NodeInfo, make_router
 from shoal.routing.bootstrap import (
     DnsDiscovery,
     KubernetesDiscovery,
@@ -23,7 +24,7 @@ from shoal.routing.bootstrap import (
     pod_ips,
 )
 from shoal.routing.p2p import Libp2pRouter
-from tests.unit.test_routing_contract import (
+from tests.unit.libp2p_nodes import (
     REGISTRY_PORT,
     TEST_OPTIONS,
     libp2p_router,

@@ -22,7 +22,7 @@ import trio
 from shoal.routing import RoutingOptions
 from shoal.routing.keys import key_multihash
 from shoal.routing.options import read_psk
-from tests.unit.test_routing_contract import (
+from tests.unit.libp2p_nodes import (
     REGISTRY_PORT,
     TEST_OPTIONS,
     found,

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from shoal.fetcher import designated
+from shoal.content.model import STREAMED, Delivery, SourceKind
+from shoal.fetch.designate import designated
+from shoal.fetch.spool import FetchFailed, Spool
 from shoal.oci.digest import Digest
 from shoal.routing import Peer
-from shoal.spool import FetchFailed, Spool
 
 DATA = os.urandom(3 * 1024 * 1024 + 17)
 DIGEST = Digest.of(DATA)
@@ -22,9 +23,10 @@ DIGEST = Digest.of(DATA)
 class Trickle:
     """A source Blob that hands out its bytes only when the test says so."""
 
-    source = "upstream"
-    path = None
-    verified = False
+    source = SourceKind.UPSTREAM
+
+    def delivery(self) -> Delivery:
+        return STREAMED
 
     def __init__(self, data: bytes, chunk: int = 1024 * 1024) -> None:
         self.data, self.size, self.chunk = data, len(data), chunk

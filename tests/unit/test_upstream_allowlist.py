@@ -12,7 +12,7 @@ from shoal.oci.digest import Digest
 from shoal.oci.errors import RegistryError
 from shoal.oci.names import Reference
 from shoal.upstream import AllowList, UpstreamSource
-from tests.unit.test_upstream_fakes import (
+from tests.fakes.registries import (
     RecordingResolver,
     Servers,
     add_image,

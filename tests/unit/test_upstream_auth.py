@@ -16,7 +16,7 @@ from shoal.upstream.allowlist import Endpoint
 from shoal.upstream.auth import token_lifetime
 from shoal.upstream.challenge import Challenge, parse_challenges, pick
 from shoal.upstream.credentials import Credentials, parse_config, registry_key
-from tests.unit.test_upstream_fakes import (
+from tests.fakes.registries import (
     Clock,
     Servers,
     add_image,

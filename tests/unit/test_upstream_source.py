@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from shoal.content.model import STREAMED
 from shoal.oci import mediatypes as mt
 from shoal.oci.digest import Digest
 from shoal.registry.app import SourceChain, make_app
@@ -20,7 +21,7 @@ from shoal.upstream import (
     UpstreamUnavailable,
 )
 from shoal.upstream.manifests import get_manifest
-from tests.unit.test_upstream_fakes import (
+from tests.fakes.registries import (
     Clock,
     Servers,
     add_image,
@@ -141,7 +142,7 @@ async def test_manifest_by_digest_is_verified(servers: Servers) -> None:
     image = add_image(reg)
     async with source(reg) as src:
         blob = await src.find(ref(reg), image.digest, "manifest")
-        assert blob is not None and blob.size == len(image.manifest) and blob.path is None
+        assert blob is not None and blob.size == len(image.manifest) and blob.delivery() == STREAMED
         assert await read_all(blob) == image.manifest
         assert blob.source == "upstream"
         # Planted: other bytes under this digest.
@@ -190,7 +191,7 @@ async def test_blob_is_streamed_whole(servers: Servers) -> None:
     image = add_image(reg)
     async with source(reg) as src:
         blob = await src.find(ref(reg), image.layer_digest, "blob")
-        assert blob is not None and blob.size == len(image.layer) and blob.path is None
+        assert blob is not None and blob.size == len(image.layer) and blob.delivery() == STREAMED
         chunks = [c async for c in blob.open(0, blob.size)]
     assert b"".join(chunks) == image.layer
     assert len(chunks) > 1  # streamed, not one buffer

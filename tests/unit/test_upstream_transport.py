@@ -20,7 +20,7 @@ from shoal.upstream import (
     UpstreamUnavailable,
 )
 from shoal.upstream.transport import redirect_target, retry_after
-from tests.unit.test_upstream_fakes import (
+from tests.fakes.registries import (
     Servers,
     add_image,
     basic,

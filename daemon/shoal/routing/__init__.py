@@ -4,18 +4,8 @@ Importing this package stays cheap: libp2p (~80 MB, ~0.6 s) is imported only whe
 `Libp2pRouter` starts.
 """
 
-from shoal.routing.base import P2P_INFO_PATH, NodeInfo, Peer, Router
+from shoal.routing.base import NodeInfo, Peer, Router
 from shoal.routing.factory import make_router
-from shoal.routing.memory import MemoryNetwork, MemoryRouter
 from shoal.routing.options import RoutingOptions
 
-__all__ = [
-    "P2P_INFO_PATH",
-    "MemoryNetwork",
-    "MemoryRouter",
-    "NodeInfo",
-    "Peer",
-    "Router",
-    "RoutingOptions",
-    "make_router",
-]
+__all__ = ["NodeInfo", "Peer", "Router", "RoutingOptions", "make_router"]

@@ -1,14 +1,14 @@
-"""The routing interface the registry and the advertiser use; libp2p and in-memory implement it."""
+"""The router the daemon wires: libp2p implements it (tests use an in-memory one).
+
+Each consumer declares the part it needs (a provider lookup for peers, advertise/withdraw for
+the catalog, the members for choosing a designated fetcher); `Router` is all of them together.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-# Served by the registry app (GET, JSON `NodeInfo.to_json()`): how dns/kubernetes bootstrap
-# learns a peer's libp2p ID, which a dial needs, from nothing but its IP.
-P2P_INFO_PATH = "/_shoal/p2p"
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,8 @@ class Router(Protocol):
         ...
 
     def node_info(self) -> NodeInfo:
-        """Served at P2P_INFO_PATH so other nodes can bootstrap from this node's IP alone."""
+        """Served at `shoal.registry.protocol.P2P_INFO_PATH` so other nodes can bootstrap from
+        this node's IP alone."""
         ...
 
     def stats(self) -> dict[str, float]:

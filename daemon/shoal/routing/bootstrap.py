@@ -2,7 +2,7 @@
 
 A libp2p dial needs the peer's ID, which DNS and the Kubernetes API do not know. Every shoal
 node therefore serves its `NodeInfo` as JSON at `GET http://<ip>:<registry port>/_shoal/p2p`
-(`shoal.routing.base.P2P_INFO_PATH`, on the registry API, which peers must reach anyway to
+(`shoal.registry.protocol.P2P_INFO_PATH`, on the registry API, which peers must reach anyway to
 fetch blobs): discovery turns IPs into multiaddrs with `/p2p/<id>` through that endpoint. A
 static address without `/p2p/` goes through the same step. Noise then checks the ID on dial.
 """
@@ -15,7 +15,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from shoal.routing.base import P2P_INFO_PATH
+from shoal.registry.protocol import P2P_INFO_PATH
 from shoal.routing.options import http_hostport
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """shoal as a careful registry client: the upstream registries as a Source."""
 
 from shoal.upstream.allowlist import AllowList, Endpoint
-from shoal.upstream.blobs import MemoryBlob, UpstreamBlob
+from shoal.upstream.blobs import UpstreamBlob
 from shoal.upstream.errors import (
     UpstreamDenied,
     UpstreamDigestMismatch,
@@ -17,7 +17,6 @@ __all__ = [
     "USER_AGENT",
     "AllowList",
     "Endpoint",
-    "MemoryBlob",
     "RetryPolicy",
     "Timeouts",
     "UpstreamBlob",

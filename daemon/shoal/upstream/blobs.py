@@ -1,10 +1,10 @@
-"""Content from upstream as Blobs: manifests held in memory, blobs streamed on demand.
+"""Blobs from upstream, streamed on demand (manifests are read whole: `manifests`).
 
 An UpstreamBlob never holds a blob in memory. A body cut midway is resumed with `Range` from the
 last byte received (a registry that ignores Range and answers 200 has the prefix skipped); a body
 that stays short raises UpstreamIncomplete. A whole-blob read is also hashed, and its last chunk
 held back until the digest matched, so a consumer that does not verify still never sees a
-complete wrong blob.
+complete wrong blob (`shoal.content.verify`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
+from shoal.content.model import STREAMED, Delivery, SourceKind
+from shoal.content.verify import Hashing, hold_back
 from shoal.oci.digest import Digest
 from shoal.upstream.allowlist import Endpoint
 from shoal.upstream.client import RegistryClient
@@ -30,24 +32,7 @@ from shoal.upstream.transport import RETRYABLE
 log = logging.getLogger("shoal.upstream")
 
 CHUNK = 256 * 1024
-_THREAD_HASH_MIN = 256 * 1024  # hash big chunks off the event loop (hashlib drops the GIL)
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-
-
-class MemoryBlob:
-    """A small, already verified piece of content (a manifest)."""
-
-    path: str | None = None
-    verified = False  # the registry re-hashes it anyway: manifests are small
-
-    def __init__(self, data: bytes, source: str = "upstream") -> None:
-        self.data = data
-        self.size = len(data)
-        self.source = source
-
-    async def open(self, start: int, end: int) -> AsyncIterator[bytes]:
-        if start < end:
-            yield self.data[start:end]
 
 
 class _Short(Exception):
@@ -55,8 +40,7 @@ class _Short(Exception):
 
 
 class UpstreamBlob:
-    path: str | None = None
-    verified = False  # `verify` covers whole reads only; ranges are not
+    """Not verified as a Blob: `verify` covers whole reads only, ranges are not."""
 
     def __init__(
         self,
@@ -68,7 +52,7 @@ class UpstreamBlob:
         *,
         verify: bool = True,
         resume_attempts: int = 3,
-        source: str = "upstream",
+        source: SourceKind = SourceKind.UPSTREAM,
     ) -> None:
         self.client = client
         self.endpoint = endpoint
@@ -79,12 +63,27 @@ class UpstreamBlob:
         self.resume_attempts = resume_attempts
         self.source = source
 
-    async def open(self, start: int, end: int) -> AsyncIterator[bytes]:
+    def delivery(self) -> Delivery:
+        return STREAMED
+
+    def open(self, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes [start, end). Raises an UpstreamError (a ConnectionError) if they cannot all
         be had, UpstreamDigestMismatch if a whole-blob read hashes wrong."""
         end = min(end, self.size)
-        hasher = self.digest.hasher() if self.verify and start == 0 and end == self.size else None
-        pos, held, failures = start, None, 0
+        if not (self.verify and start == 0 and end == self.size):
+            return self._stream(start, end, None)
+        hashing = Hashing(self.digest)
+
+        async def check() -> None:
+            if not hashing.matches(self.size):
+                raise UpstreamDigestMismatch(
+                    f"{self.endpoint.registry} sent {self.digest} hashing to {hashing.hexdigest}"
+                )
+
+        return hold_back(self._stream(start, end, hashing), check)
+
+    async def _stream(self, start: int, end: int, hashing: Hashing | None) -> AsyncIterator[bytes]:
+        pos, failures = start, 0
         while pos < end:
             resp: aiohttp.ClientResponse | None = None
             try:
@@ -98,13 +97,9 @@ class UpstreamBlob:
                         chunk, skip = chunk[skip:], 0
                     chunk = chunk[: end - pos]
                     pos += len(chunk)
-                    if hasher is None:
-                        yield chunk
-                    else:
-                        await _update(hasher, chunk)
-                        if held is not None:
-                            yield held
-                        held = chunk
+                    if hashing is not None:
+                        await hashing.feed(chunk)
+                    yield chunk
                     if pos >= end:
                         break
                 if pos < end:
@@ -120,13 +115,6 @@ class UpstreamBlob:
             finally:
                 if resp is not None:
                     resp.close()  # also when the consumer stops early: never reuse a half-read one
-        if hasher is not None:
-            if not self.digest.matches(hasher):
-                raise UpstreamDigestMismatch(
-                    f"{self.endpoint.registry} sent {self.digest} hashing to {hasher.hexdigest()}"
-                )
-            if held is not None:
-                yield held
 
     async def _get(self, pos: int, end: int) -> aiohttp.ClientResponse:
         headers = {}
@@ -157,13 +145,6 @@ def _check_answer(resp: aiohttp.ClientResponse, pos: int, size: int) -> str | No
     if match.group(3) != "*" and int(match.group(3)) != size:
         return f"Content-Range total {match.group(3)}, expected {size}"
     return None
-
-
-async def _update(hasher: object, chunk: bytes) -> None:
-    if len(chunk) >= _THREAD_HASH_MIN:
-        await asyncio.to_thread(hasher.update, chunk)  # type: ignore[attr-defined]
-    else:
-        hasher.update(chunk)  # type: ignore[attr-defined]
 
 
 async def blob_size(

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from shoal.content.model import Descriptor
 from shoal.oci import mediatypes as mt
 from shoal.oci.digest import Digest
 from shoal.oci.errors import DigestInvalid
-from shoal.sources import Descriptor
 from shoal.upstream.allowlist import Endpoint
 from shoal.upstream.blobs import content_length
 from shoal.upstream.client import RegistryClient

@@ -1,6 +1,6 @@
 """The upstream registry as a Source (name "upstream").
 
-Tag policy is not decided here. `resolve` answers what upstream says a tag is; the caller picks:
+Tag policy is not decided here (`shoal.sources.tags` is). For a tag, upstream's answer:
 
 - `resolve(ref)`: upstream's answer, shared for `tag_ttl` seconds; None when upstream says the
   tag does not exist, is not allowed, or cannot be asked.
@@ -25,17 +25,18 @@ from typing import TYPE_CHECKING
 
 from aiohttp.abc import AbstractResolver
 
+from shoal.content.memory import MemoryBlob
+from shoal.content.model import Blob, ContentKind, Descriptor, SourceKind
 from shoal.oci.digest import Digest
 from shoal.oci.names import Reference
-from shoal.sources import Blob, Descriptor
 from shoal.upstream.allowlist import AllowList, Endpoint
 from shoal.upstream.auth import Authenticator
-from shoal.upstream.blobs import MemoryBlob, UpstreamBlob, blob_size
+from shoal.upstream.blobs import UpstreamBlob, blob_size
 from shoal.upstream.client import RegistryClient
 from shoal.upstream.credentials import Credentials
 from shoal.upstream.errors import UpstreamError, UpstreamUnavailable
 from shoal.upstream.manifests import get_manifest, head_tag
-from shoal.upstream.tags import TagCache, TagKey
+from shoal.upstream.tagcache import TagCache, TagKey
 from shoal.upstream.transport import RetryPolicy, Timeouts, Transport
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ log = logging.getLogger("shoal.upstream")
 
 
 class UpstreamSource:
-    name = "upstream"
+    name = SourceKind.UPSTREAM
 
     def __init__(
         self,
@@ -78,12 +79,13 @@ class UpstreamSource:
         self._inflight: dict[TagKey, asyncio.Future[Descriptor | None]] = {}
 
     @classmethod
-    def from_settings(cls, settings: Settings, **kwargs: object) -> UpstreamSource:
+    def from_settings(cls, settings: Settings, *, verify_blobs: bool = True) -> UpstreamSource:
         return cls(
             settings.mirror_registries,
             insecure=settings.upstream_insecure,
             credentials=settings.upstream_credentials or None,
-            **kwargs,  # type: ignore[arg-type]
+            tag_ttl=settings.tag_ttl,
+            verify_blobs=verify_blobs,
         )
 
     def endpoint(self, registry: str | None) -> Endpoint | None:
@@ -152,17 +154,16 @@ class UpstreamSource:
 
     # -- content ---------------------------------------------------------------------------------
 
-    async def find(self, ref: Reference, digest: Digest, kind: str) -> Blob | None:
+    async def find(self, ref: Reference, digest: Digest, kind: ContentKind) -> Blob | None:
+        if kind == "manifest":
+            return await self.manifest(ref, digest)
+        if kind != "blob":
+            return None
         endpoint = self.endpoint(ref.registry)
-        if endpoint is None or kind not in ("manifest", "blob"):
+        if endpoint is None:
             return None
         try:
             async with asyncio.timeout(self.transport.timeouts.operation):
-                if kind == "manifest":
-                    fetched = await get_manifest(
-                        self.client, endpoint, ref.repository, str(digest), digest
-                    )
-                    return None if fetched is None else MemoryBlob(fetched.body, self.name)
                 size = await blob_size(self.client, endpoint, ref.repository, digest)
         except (UpstreamError, TimeoutError) as exc:
             log.warning("upstream %s %s of %s: %s", kind, digest, ref.repository, exc)
@@ -179,6 +180,21 @@ class UpstreamSource:
             resume_attempts=self.transport.retry.attempts,
             source=self.name,
         )
+
+    async def manifest(self, ref: Reference, digest: Digest) -> MemoryBlob | None:
+        """The manifest `digest`, read whole and verified, or None (also when upstream fails)."""
+        endpoint = self.endpoint(ref.registry)
+        if endpoint is None:
+            return None
+        try:
+            async with asyncio.timeout(self.transport.timeouts.operation):
+                fetched = await get_manifest(
+                    self.client, endpoint, ref.repository, str(digest), digest
+                )
+        except (UpstreamError, TimeoutError) as exc:
+            log.warning("upstream %s %s of %s: %s", "manifest", digest, ref.repository, exc)
+            return None
+        return None if fetched is None else MemoryBlob(fetched.body, self.name)
 
     async def close(self) -> None:
         await self.transport.close()

@@ -20,7 +20,7 @@ from aiohttp.abc import AbstractResolver
 from yarl import URL
 
 from shoal import __version__
-from shoal.sources import READ_BUFSIZE
+from shoal.content.model import READ_BUFSIZE
 from shoal.upstream.allowlist import Origin, origin
 from shoal.upstream.errors import UpstreamInvalid, UpstreamUnavailable
 

@@ -1,18 +1,11 @@
 """An image's blobs fetched from upstream in the order containerd unpacks them.
 
-containerd downloads up to three layers at once, but unpacks them one by one in manifest order,
-each once it is complete. Three layers sharing one upstream link all complete late and at the
-same moment, so every node of a rollout starts unpacking only then, all at once. One node (the
-image's designated fetcher, by rendezvous hashing of the manifest digest) instead downloads the
-image's blobs one after another in manifest order, each at the link's full rate: the first layer
-is complete after a fraction of the time, nodes unpack it while the next one arrives, and the
-link never idles between layers waiting for containerd to ask for the next.
-
-Every blob nobody has gets a spool Fetch at once (advertised, so peers and containerd can join it
-and wait), but its download starts only when the one `streams` places before it is over, or after
-`hold` seconds. Blobs smaller than `ungated_below` start at once: they cost the link little, and
-nodes relay them, and a relaying node gives up on a peer that stays silent too long (so with
-relayed blob bodies, `hold` must stay below that silence limit; redirected ones may wait).
+Why, and what it costs: README, "Upstream, once per cluster", point 4. The image's designated
+node (`shoal.fetch.designate`) gives every blob nobody has a spool Fetch at once (advertised, so
+peers and containerd can join it and wait), but a blob's download starts only when the one
+`streams` places before it is over, or after `hold` seconds. Blobs smaller than `ungated_below`
+start at once: they cost the link little, and nodes relay them, and a relaying node gives up on
+a peer that stays silent too long (`shoal.registry.transfer`).
 """
 
 from __future__ import annotations
@@ -26,13 +19,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
+from shoal.content.model import STREAMED, Blob, Delivery, Descriptor, SourceKind
+from shoal.fetch.spool import Fetch
 from shoal.oci.digest import Digest
 from shoal.oci.errors import DigestInvalid
 from shoal.oci.manifest import children
 from shoal.oci.mediatypes import MANIFEST_TYPES, manifest_media_type, parse_manifest
 from shoal.oci.names import Reference
-from shoal.sources import Blob, Descriptor
-from shoal.spool import Fetch
 
 log = logging.getLogger("shoal.imageorder")
 T = TypeVar("T")
@@ -138,21 +131,18 @@ class Images:
                 del self._owner[desc.digest]
 
 
-class After:
+class GatedBlob:
     """A Blob whose reading starts once `before` is over (done or failed), or after `hold`."""
-
-    verified = False
 
     def __init__(self, blob: Blob, before: Fetch, hold: float | None = None) -> None:
         self.blob = blob
         self.before = before
         self.hold = hold
-        self.size = blob.size
-        self.source = blob.source
+        self.size: int = blob.size
+        self.source: SourceKind = blob.source
 
-    @property
-    def path(self) -> str | None:
-        return None
+    def delivery(self) -> Delivery:
+        return STREAMED
 
     async def open(self, start: int, end: int) -> AsyncIterator[bytes]:
         with contextlib.suppress(TimeoutError):
@@ -164,7 +154,7 @@ class After:
 # What the ordered fetch needs from the rest of shoal, as plain callables (unit tests pass fakes).
 Running = Callable[[Digest], Fetch | None]
 Needed = Callable[[Reference, Digest], Awaitable[bool]]
-UpstreamBlob = Callable[[Reference, Digest], Awaitable[Blob | None]]
+FindUpstream = Callable[[Reference, Digest], Awaitable[Blob | None]]
 Start = Callable[[Digest, Blob], Fetch | None]
 
 
@@ -178,7 +168,7 @@ class OrderedFetches:
         *,
         running: Running,
         needed: Needed,
-        upstream: UpstreamBlob,
+        upstream: FindUpstream,
         start: Start,
         streams: int = 1,
         ungated_below: int = 1024 * 1024,
@@ -212,30 +202,26 @@ class OrderedFetches:
         # Asked a few at a time: whether the blob is held anywhere, and upstream's answer for it.
         asking = asyncio.Semaphore(PREPARE_AT_ONCE)
 
-        async def prepare(desc: Descriptor) -> Fetch | Blob | None:
+        async def prepare(desc: Descriptor) -> tuple[Fetch | None, Blob | None]:
+            """The blob's running Fetch, or else upstream's blob when nobody holds it."""
             running = self.running(desc.digest)
             if running is not None:
-                return running
+                return running, None
             async with asking:
                 if not await self.needed(ref, desc.digest):
-                    return None
-                return await self.upstream(ref, desc.digest)
+                    return None, None
+                return None, await self.upstream(ref, desc.digest)
 
         prepared = await asyncio.gather(*(prepare(d) for d in parts.blobs))
         fetches: list[Fetch] = []  # the gated chain, in manifest order
-        for desc, item in zip(parts.blobs, prepared, strict=True):
-            if item is None:
-                continue
-            if not isinstance(item, Fetch):
-                blob: Blob = item
-                if item.size >= self.ungated_below and len(fetches) >= self.streams:
-                    blob = After(item, fetches[-self.streams], self.hold)
+        for desc, (fetch, blob) in zip(parts.blobs, prepared, strict=True):
+            if fetch is None and blob is not None:
+                if blob.size >= self.ungated_below and len(fetches) >= self.streams:
+                    blob = GatedBlob(blob, fetches[-self.streams], self.hold)
                 fetch = self.start_fetch(desc.digest, blob)
-                if fetch is None:
-                    continue  # spool full: asked for later, it streams unshared
-                item = fetch
-            if item.size >= self.ungated_below:
-                fetches.append(item)
+                # None: spool full; asked for later, the blob streams unshared
+            if fetch is not None and fetch.size >= self.ungated_below:
+                fetches.append(fetch)
         log.info(
             "fetching %d of %d blobs of %s in order, %d at a time",
             len(fetches), len(parts.blobs), parts.manifest, self.streams,

@@ -1,20 +1,19 @@
-"""Blobs being fetched from upstream, on local disk, readable while they arrive.
+"""The spool: upstream blobs written to local files, readable while they arrive.
 
 One Fetch per digest (single flight on this node): the first request starts it, later ones and
 peers join it and read the same growing file. A Fetch runs on its own, independent of the
 request that started it, so a client that gives up does not waste what others wait for.
 
-Bytes are verified twice: the Fetch hashes everything it writes and fails on a mismatch (the
-file is removed), and every response is verified again by the registry. The spool directory is
-emptied at start: nothing partial or unverified survives a restart. Finished files stay until
-the node's containerd holds the blob (or `keep_for` passes), so peers can still fetch them.
+A Fetch hashes everything it writes and fails on a mismatch (the file is removed), holding back
+the end of every read until then (`shoal.content.verify`). The spool directory is emptied at
+start: nothing partial or unverified survives a restart. Finished files stay until the node's
+containerd holds the blob (or `keep_for` passes), so peers can still fetch them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
@@ -23,8 +22,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from shoal.content.model import Blob, Delivery, SourceKind
+from shoal.content.verify import Hashing, hold_back
 from shoal.oci.digest import Digest
-from shoal.sources import Blob
 
 log = logging.getLogger("shoal.spool")
 
@@ -41,7 +41,9 @@ class FetchFailed(ConnectionError):
 
 
 class Fetch:
-    def __init__(self, digest: Digest, size: int, path: Path, origin: str = "upstream") -> None:
+    def __init__(
+        self, digest: Digest, size: int, path: Path, origin: SourceKind = SourceKind.UPSTREAM
+    ) -> None:
         self.digest = digest
         self.size = size
         self.path = path
@@ -60,7 +62,7 @@ class Fetch:
 
     async def run(self, source: Blob) -> None:
         """Copies `source` into the file, hashing as it goes; wakes readers after each chunk."""
-        hasher = self.digest.hasher()
+        hashing = Hashing(self.digest)
         started: float | None = None
         fd = self._fd
         assert fd is not None, "a Fetch runs once"
@@ -68,11 +70,11 @@ class Fetch:
             async for batch in _batched(source.open(0, self.size)):
                 started = started or time.monotonic()  # a queued source waits first
                 # One worker-thread hop writes and hashes: the event loop stays free.
-                await asyncio.to_thread(_write_all, fd, batch, self.written, hasher)
+                await asyncio.to_thread(_write_all, fd, batch, self.written, hashing)
                 async with self._progress:
                     self.written += len(batch)
                     self._progress.notify_all()
-            if self.written != self.size or not self.digest.matches(hasher):
+            if self.written != self.size or not hashing.matches(self.size):
                 raise FetchFailed(f"{self.digest}: upstream bytes did not match the digest")
             took = time.monotonic() - (started or time.monotonic())
             log.info(
@@ -126,31 +128,22 @@ class Fetch:
         if self.error is not None:
             raise FetchFailed(f"upstream fetch of {self.digest} failed: {self.error!r}")
 
-    async def read(self, start: int, end: int) -> AsyncIterator[bytes]:
+    def read(self, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes [start, end) as they arrive. The last chunk is held back until the whole blob
         has matched its digest, so no read of a bad fetch ever completes."""
-        held: bytes | None = None
-        async for chunk in self._follow(start, end):
-            if held is not None:
-                yield held
-            held = chunk
-        await self._verified()
-        if held is not None:
-            yield held
+        return hold_back(self._follow(start, end), self._verified)
 
-    async def regions(self, start: int, end: int) -> AsyncIterator[tuple[int, int]]:
+    def regions(self, start: int, end: int) -> AsyncIterator[tuple[int, int]]:
         """(offset, length) pieces of [start, end) as they land in the file, for sendfile();
         like read(), the last piece only once the whole blob matched its digest."""
+        return hold_back(self._landed(start, end), self._verified, lambda r: r[0] + r[1] == end)
+
+    async def _landed(self, start: int, end: int) -> AsyncIterator[tuple[int, int]]:
         pos = start
         while pos < end:
             stop = min(end, await self._available_past(pos))
-            if stop == end:
-                break
             yield pos, stop - pos
             pos = stop
-        await self._verified()
-        if pos < end:
-            yield pos, end - pos
 
     async def _follow(self, start: int, end: int) -> AsyncIterator[bytes]:
         pos = start
@@ -209,8 +202,8 @@ async def _batched(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
                 await next_chunk
 
 
-def _write_all(fd: int, data: bytes, offset: int, hasher: hashlib._Hash) -> None:
-    hasher.update(data)
+def _write_all(fd: int, data: bytes, offset: int, hashing: Hashing) -> None:
+    hashing.update(data)
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
@@ -221,21 +214,20 @@ def _write_all(fd: int, data: bytes, offset: int, hasher: hashlib._Hash) -> None
 class SpoolBlob:
     """A Blob read from a Fetch; `source` says where its bytes came from originally.
 
-    `verified`: the Fetch hashed these very bytes as it wrote them and holds back every read's
-    last chunk until they matched, so the registry need not hash them again per response.
+    Verified: the Fetch hashed these very bytes as it wrote them and holds back every read's
+    last piece until they matched, so the registry need not hash them again per response. The
+    file may still grow: it is sent by regions as they land, never as a whole file.
     """
 
     fetch: Fetch
-    source: str
-    verified: bool = True
+    source: SourceKind
 
     @property
     def size(self) -> int:
         return self.fetch.size
 
-    @property
-    def path(self) -> None:
-        return None  # the file may still grow: never sendfile() it
+    def delivery(self) -> Delivery:
+        return Delivery(verified=True, growing_file=self.fetch)
 
     def open(self, start: int, end: int) -> AsyncIterator[bytes]:
         return self.fetch.read(start, end)

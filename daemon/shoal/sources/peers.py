@@ -1,35 +1,34 @@
 """Other nodes' shoal as a Source: found through the router, fetched over HTTP.
 
-A request to a peer carries PEER_HEADER, so the peer answers from its own content only and never
-forwards (no loops). Slow peers are hedged: when the first has not answered its headers within
-`hedge_after`, the next is asked too and the first answer wins. A body that breaks midway is
-resumed with Range from the next peer. A digest no peer holds is remembered briefly, so a burst
-of misses costs one lookup; the registry then answers 404 at once.
+A request to a peer carries the peer protocol's marks (`shoal.registry.protocol`), so the peer
+answers from its own content only and never forwards. Slow peers are hedged (`hedge`): when the
+first has not answered its headers within `hedge_after`, the next is asked too and the first
+answer wins. A body that breaks midway is resumed with Range from the next peer. A digest no
+peer holds is remembered briefly, so a burst of misses costs one lookup; the registry then
+answers 404 at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TypeVar
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
-from yarl import URL
 
+from shoal.content.model import READ_BUFSIZE, ContentKind, Delivery, Descriptor, SourceKind
 from shoal.oci.digest import Digest
 from shoal.oci.errors import RegistryError
 from shoal.oci.names import Reference
-from shoal.registry.app import FETCH_HEADER, FETCH_QUERY, PEER_HEADER, PEER_QUERY
-from shoal.routing.base import Peer, Router
-from shoal.sources import READ_BUFSIZE, Descriptor
+from shoal.registry.protocol import content_path, peer_headers, peer_url, redirect_marks
+from shoal.routing.base import Peer
+from shoal.sources.hedge import hedged
 
 log = logging.getLogger("shoal.peers")
 
-T = TypeVar("T")
 _ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, OSError)
 _ACCEPT = ", ".join(
     (
@@ -41,6 +40,12 @@ _ACCEPT = ", ".join(
 )
 
 
+class ProviderLookup(Protocol):
+    """What peers need of the router: who holds a key."""
+
+    def lookup(self, key: str, limit: int = 3) -> AsyncIterator[Peer]: ...
+
+
 @dataclass
 class PeerSettings:
     max_peers: int = 3  # providers asked per key
@@ -48,16 +53,12 @@ class PeerSettings:
     header_timeout: float = 2.0  # a peer that has not answered by then is skipped
     read_timeout: float = 5.0  # silence between body chunks that counts as a failure
     negative_ttl: float = 2.0  # how long "no peer has it" is remembered
-    # Send containerd to the peer for a blob body (a 307) rather than relay it: the bytes then
-    # cross this node's CPU once, in containerd, instead of three times.
-    redirect: bool = True
-    redirect_min: int = 1024 * 1024  # smaller bodies are relayed: cheaper than a 2nd connection
 
 
 class PeerSource:
-    name = "peer"
+    name = SourceKind.PEER
 
-    def __init__(self, router: Router, settings: PeerSettings | None = None) -> None:
+    def __init__(self, router: ProviderLookup, settings: PeerSettings | None = None) -> None:
         self.router = router
         self.settings = settings or PeerSettings()
         self._session: aiohttp.ClientSession | None = None
@@ -85,11 +86,11 @@ class PeerSource:
 
     async def resolve(self, ref: Reference) -> Descriptor | None:
         key = ref.image_name  # peers advertise a tag under containerd's image name
-        if key is None or self._missed(key):
+        if key is None or ref.tag is None or self._missed(key):
             return None
         peers = await self._peers(key)
-        path = f"/v2/{ref.repository}/manifests/{ref.tag}"
-        answer = await self._first(peers, "HEAD", path, ref.registry, {"Accept": _ACCEPT})
+        path = content_path(ref.repository, "manifest", ref.tag)
+        answer = await self._first(peers, "HEAD", path, ref.registry, peer_headers(False))
         if answer is None:
             self._miss(key)
             return None
@@ -102,7 +103,7 @@ class PeerSource:
         media_type = resp.headers.get("Content-Type", "")
         return Descriptor(media_type, digest, size) if size >= 0 and media_type else None
 
-    async def find(self, ref: Reference, digest: Digest, kind: str) -> PeerBlob | None:
+    async def find(self, ref: Reference, digest: Digest, kind: ContentKind) -> PeerBlob | None:
         key = str(digest)
         if self._missed(key):
             return None
@@ -116,17 +117,15 @@ class PeerSource:
         peers: list[Peer],
         ref: Reference,
         digest: Digest,
-        headers: dict[str, str] | None = None,
         *,
-        kind: str = "blob",
+        fetch: bool = False,
+        kind: ContentKind = "blob",
         patience: float | None = None,
     ) -> PeerBlob | None:
-        """Content from the first of `peers` to answer a HEAD for it; `headers` go with every
-        request (e.g. asking a peer to fetch from upstream, which needs more `patience`)."""
-        kind_path = "manifests" if kind == "manifest" else "blobs"
-        path = f"/v2/{ref.repository}/{kind_path}/{digest}"
-        extra = {"Accept": _ACCEPT, **(headers or {})}
-        answer = await self._first(peers, "HEAD", path, ref.registry, extra, patience)
+        """Content from the first of `peers` to answer a HEAD for it. With `fetch`, they are
+        asked to fetch it from upstream for the cluster, which needs more `patience`."""
+        path = content_path(ref.repository, kind, digest)
+        answer = await self._first(peers, "HEAD", path, ref.registry, peer_headers(fetch), patience)
         if answer is None:
             return None
         first, resp = answer
@@ -136,7 +135,7 @@ class PeerSource:
             return None
         # The peer that answered first goes first; the others stay as fallbacks.
         order = [first, *(p for p in peers if p != first)]
-        return PeerBlob(self, order, path, ref.registry, size, headers=dict(headers or {}))
+        return PeerBlob(self, order, path, ref.registry, size, fetch)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -158,19 +157,13 @@ class PeerSource:
     async def _peers(self, key: str) -> list[Peer]:
         return [p async for p in self.router.lookup(key, self.settings.max_peers)]
 
-    def _url(
-        self, peer: Peer, path: str, ns: str | None, extra: dict[str, str] | None = None
-    ) -> str:
-        query = {"ns": ns} if ns else {}
-        return str(URL(f"http://{peer.address}{path}").with_query({**query, **(extra or {})}))
-
     async def _first(
         self,
         peers: list[Peer],
         method: str,
         path: str,
         ns: str | None,
-        headers: dict[str, str],
+        marks: dict[str, str],
         patience: float | None = None,
     ) -> tuple[Peer, aiohttp.ClientResponse] | None:
         """The first peer to answer 200/206, hedging slow ones; its response is released."""
@@ -181,8 +174,8 @@ class PeerSource:
         async def ask(peer: Peer) -> aiohttp.ClientResponse:
             resp = await self.session.request(
                 method,
-                self._url(peer, path, ns),
-                headers={PEER_HEADER: "1", **headers},
+                peer_url(peer.address, path, ns),
+                headers={"Accept": _ACCEPT, **marks},
                 allow_redirects=False,
                 timeout=timeout,
             )
@@ -197,64 +190,21 @@ class PeerSource:
         return await hedged(peers, ask, s.hedge_after, patience or s.header_timeout)
 
 
-async def hedged(
-    peers: list[Peer],
-    ask: Callable[[Peer], Awaitable[T]],
-    hedge_after: float,
-    per_peer: float,
-) -> tuple[Peer, T] | None:
-    """Asks peers in order, starting the next one whenever the running ones are slower than
-    `hedge_after` (or one failed); the first success wins and the rest are cancelled."""
-    pending: dict[asyncio.Task[T], Peer] = {}
-    queue = list(peers)
-    deadline = time.monotonic() + per_peer * max(1, len(peers))
-    try:
-        while queue or pending:
-            if queue:
-                peer = queue.pop(0)
-                task = asyncio.ensure_future(asyncio.wait_for(ask(peer), per_peer))
-                pending[task] = peer
-            wait = hedge_after if queue else max(0.0, deadline - time.monotonic())
-            done, _ = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                peer = pending.pop(task)
-                if task.exception() is None:
-                    return peer, task.result()
-                log.debug("peer %s: %s", peer.address, task.exception())
-            if not queue and not done and time.monotonic() >= deadline:
-                return None
-        return None
-    finally:
-        for task in pending:
-            task.cancel()
-        for task in pending:
-            with contextlib.suppress(BaseException):
-                await task
-
-
 @dataclass
 class PeerBlob:
+    """Not verified: a peer is never trusted. Another node serves it (`delivery().location`)."""
+
     owner: PeerSource
     peers: list[Peer]
     url_path: str
     ns: str | None
     size: int
-    source: str = "peer"
-    verified = False  # a peer is never trusted
-    headers: dict[str, str] = field(default_factory=dict)
-    tried: list[str] = field(default_factory=list)
+    fetch: bool = False  # asked of the peer as the cluster's designated fetcher
+    source: SourceKind = SourceKind.PEER
 
-    @property
-    def path(self) -> None:
-        return None  # never a local file
-
-    def location(self) -> str | None:
-        """The first peer's URL for this blob, when the settings send containerd there."""
-        settings = self.owner.settings
-        if not settings.redirect or self.size < settings.redirect_min:
-            return None
-        marks = {PEER_QUERY: "1", **({FETCH_QUERY: "1"} if FETCH_HEADER in self.headers else {})}
-        return self.owner._url(self.peers[0], self._blob_path, self.ns, marks)
+    def delivery(self) -> Delivery:
+        marks = redirect_marks(self.fetch)
+        return Delivery(location=peer_url(self.peers[0].address, self._blob_path, self.ns, marks))
 
     @property
     def _blob_path(self) -> str:
@@ -268,11 +218,10 @@ class PeerBlob:
         for peer in self.peers:
             if pos >= end:
                 return
-            headers = {PEER_HEADER: "1", **self.headers}
+            headers = peer_headers(self.fetch)
             if pos > 0 or end < self.size:
                 headers["Range"] = f"bytes={pos}-{end - 1}"
-            url = self.owner._url(peer, self._blob_path, self.ns)
-            self.tried.append(peer.address)
+            url = peer_url(peer.address, self._blob_path, self.ns)
             try:
                 async with self.owner.session.get(url, headers=headers) as resp:
                     if resp.status not in (200, 206) or (pos > 0 and resp.status != 206):

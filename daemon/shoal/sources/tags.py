@@ -14,16 +14,31 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Protocol
 
+from shoal.content.model import Descriptor, Source, SourceKind
 from shoal.oci.names import Reference
-from shoal.sources import Descriptor, Source
-from shoal.upstream import UpstreamError, UpstreamSource
+from shoal.sources.chain import first_answer
+from shoal.upstream.allowlist import Endpoint
+from shoal.upstream.errors import UpstreamError
 
 log = logging.getLogger("shoal.tags")
 
 
+class TagUpstream(Protocol):
+    """What the policy asks of the upstream registries (shoal.upstream.UpstreamSource)."""
+
+    def endpoint(self, registry: str | None) -> Endpoint | None: ...
+
+    async def resolve(self, ref: Reference) -> Descriptor | None: ...
+
+    async def lookup(self, ref: Reference) -> Descriptor | None: ...
+
+    def last_known(self, ref: Reference) -> tuple[Descriptor, float] | None: ...
+
+
 class TagPolicy:
-    def __init__(self, policy: str, upstream: UpstreamSource | None) -> None:
+    def __init__(self, policy: str, upstream: TagUpstream | None) -> None:
         if policy not in ("upstream-first", "peers", "digest-only"):
             raise ValueError(f"unknown tag policy {policy!r}")
         self.policy = policy
@@ -33,30 +48,22 @@ class TagPolicy:
         """`sources` are what the request may use; the upstream counts only if among them."""
         if self.policy == "digest-only":
             return None
-        others = [s for s in sources if s.name != "upstream"]
+        others = [s for s in sources if s.name is not SourceKind.UPSTREAM]
         upstream = self.upstream
         if (
             upstream is None
             or len(others) == len(sources)
             or upstream.endpoint(ref.registry) is None
         ):
-            return await _first(others, ref)
+            return await first_answer(others, ref)
         if self.policy == "peers":
-            return await _first(others, ref) or await upstream.resolve(ref)
+            return await first_answer(others, ref) or await upstream.resolve(ref)
         try:
             return await upstream.lookup(ref)
         except UpstreamError as exc:
             log.warning("upstream cannot resolve %s (%s); asking the cluster", ref.image_name, exc)
-        found = await _first(others, ref)
+        found = await first_answer(others, ref)
         if found is not None:
             return found
         known = upstream.last_known(ref)
         return None if known is None else known[0]
-
-
-async def _first(sources: Sequence[Source], ref: Reference) -> Descriptor | None:
-    for source in sources:
-        desc = await source.resolve(ref)
-        if desc is not None:
-            return desc
-    return None

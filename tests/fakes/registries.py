@@ -2,8 +2,8 @@
 
 Every server records each request it saw (method, path, query, headers), so tests can assert
 what was sent where, including that nothing was. Faults are scripted per request.
-The module also holds a few tests of the fakes themselves, so that a broken fake cannot make
-the client's tests pass vacuously.
+tests/unit/test_fakes.py tests the fakes themselves, so that a broken fake cannot make the
+client's tests pass vacuously.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
@@ -441,39 +439,3 @@ def write_config(path: Path, auths: dict[str, dict[str, str]]) -> str:
 
 async def read_all(blob: Any, start: int = 0, end: int | None = None) -> bytes:
     return b"".join([c async for c in blob.open(start, blob.size if end is None else end)])
-
-
-# --- the fakes themselves ------------------------------------------------------------------
-
-
-async def test_fake_registry_challenges_and_accepts_only_its_tokens(servers: Servers) -> None:
-    tokens = await servers.tokens()
-    reg = await servers.registry(auth="bearer", token_server=tokens, service="a")
-    add_image(reg)
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{reg.url}/v2/team/app/manifests/v1") as resp:
-            assert resp.status == 401
-            assert "Bearer realm=" in resp.headers["WWW-Authenticate"]
-        async with http.get(tokens.realm, params={"service": "b"}) as resp:
-            other = (await resp.json())["token"]
-        async with http.get(tokens.realm, params={"service": "a"}) as resp:
-            mine = (await resp.json())["token"]
-        hdr = {"Authorization": f"Bearer {other}"}
-        async with http.get(f"{reg.url}/v2/team/app/manifests/v1", headers=hdr) as resp:
-            assert resp.status == 401
-        hdr = {"Authorization": f"Bearer {mine}"}
-        async with http.get(f"{reg.url}/v2/team/app/manifests/v1", headers=hdr) as resp:
-            assert resp.status == 200
-
-
-async def test_fake_registry_ranges_and_cuts(servers: Servers) -> None:
-    reg = await servers.registry(cuts=[1000])
-    image = add_image(reg)
-    url = f"{reg.url}/v2/team/app/blobs/{image.layer_digest}"
-    async with aiohttp.ClientSession() as http:
-        with pytest.raises(aiohttp.ClientPayloadError):
-            async with http.get(url) as resp:
-                await resp.read()
-        async with http.get(url, headers={"Range": "bytes=10-"}) as resp:
-            assert resp.status == 206
-            assert await resp.read() == image.layer[10:]

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shoal.sources import Descriptor
+from shoal.content.model import Descriptor
 
 TagKey = tuple[str, str, str]  # registry, repository, tag
 

@@ -1,4 +1,4 @@
-"""An in-memory Router for unit tests: every MemoryRouter on one MemoryNetwork sees the others."""
+"""An in-memory Router: every MemoryRouter on one MemoryNetwork sees the others."""
 
 from __future__ import annotations
 

@@ -1,0 +1,60 @@
+"""Which node fetches a blob from upstream for the cluster: decided here, the same on every node.
+
+Nodes that miss a blob at the same moment, before any advertisement can help, all choose the
+same node by rendezvous hashing over the cluster members they know, and ask it to fetch. For a
+blob of an image manifest this node fetched lately, the hash is of the manifest's digest, so one
+node fetches the whole image, in manifest order (`shoal.fetch.imageorder`); otherwise it is of
+the blob's own digest. Nodes with different views of the membership may choose differently:
+a blob is then fetched twice, never N times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
+
+from shoal.fetch.imageorder import ImageParts, Images
+from shoal.oci.digest import Digest
+from shoal.routing.base import Peer
+
+
+class Members(Protocol):
+    def members(self) -> list[Peer]:
+        """The other nodes this one knows."""
+        ...
+
+
+def designated(digest: Digest, candidates: list[Peer]) -> Peer:
+    """Rendezvous (highest random weight) hashing: every node that knows the same members picks
+    the same one, and a member joining or leaving moves only its own share of digests."""
+    return max(candidates, key=lambda p: hashlib.sha256(f"{p.id}/{digest}".encode()).digest())
+
+
+class Choice(NamedTuple):
+    node: Peer | None  # None: this node fetches
+    image: ImageParts | None  # the image the blob belongs to, when this node knows it
+
+
+class Designation:
+    def __init__(
+        self, router: Members, me: Callable[[], Peer | None], images: Images | None
+    ) -> None:
+        """`me`: this node (None while routing has no identity: then it fetches for itself);
+        `images`: what images blobs belong to, when images are fetched in order."""
+        self.router = router
+        self.me = me
+        self.images = images
+
+    def of(self, key: Digest) -> Peer | None:
+        """The node that fetches `key` for the cluster, or None when it is this one."""
+        me = self.me()
+        if me is None:
+            return None
+        members = [p for p in self.router.members() if p.id != me.id]
+        chosen = designated(key, [me, *members])
+        return None if chosen.id == me.id else chosen
+
+    def for_blob(self, digest: Digest) -> Choice:
+        image = None if self.images is None else self.images.image_of(digest)
+        return Choice(self.of(digest if image is None else image.manifest), image)

@@ -1,0 +1,191 @@
+"""One blob as a response: a redirect to the node holding it, a file by sendfile(), or a verified
+stream. No response completes until its blob matched its digest (`shoal.content.verify`); on a
+mismatch the connection is cut, so containerd never commits the bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import BinaryIO
+
+from aiohttp import web
+
+from shoal import metrics
+from shoal.content.model import Blob, Delivery, GrowingFile
+from shoal.content.verify import HOLD_BACK, DigestMismatch, FileVerifier, hold_back, verified_chunks
+from shoal.oci.digest import Digest
+from shoal.oci.errors import BlobUnknown
+from shoal.oci.mediatypes import OCTET_STREAM
+from shoal.oci.ranges import parse_range
+from shoal.registry.protocol import Asker
+from shoal.registry.transfer import PeerTransfer
+
+log = logging.getLogger("shoal.registry")
+
+WRITE_SLICE = 128 * 1024
+
+
+class BlobServer:
+    def __init__(self, transfer: PeerTransfer) -> None:
+        self.transfer = transfer
+        self.verifier = FileVerifier()
+
+    async def serve(
+        self, request: web.Request, blob: Blob, digest: Digest, asker: Asker
+    ) -> web.StreamResponse:
+        rng = parse_range(request.headers.get("Range"), blob.size)
+        start, end = (rng.start, rng.end + 1) if rng else (0, blob.size)
+        headers = {
+            "Content-Type": OCTET_STREAM,
+            "Docker-Content-Digest": str(digest),
+            "Accept-Ranges": "bytes",
+            "ETag": f'"{digest}"',
+            "X-Shoal-Source": blob.source.value,
+        }
+        if rng is not None:
+            headers["Content-Range"] = rng.content_range(blob.size)
+        status = 206 if rng is not None else 200
+        if request.method == "HEAD":
+            headers["Content-Length"] = str(end - start)
+            return web.Response(status=status, headers=headers)
+        delivery = blob.delivery()
+        if delivery.location is not None and self.transfer.redirects(blob.size, asker):
+            # containerd fetches from the peer itself, which verifies what it sends; containerd
+            # comes back here with Range if that peer fails midway.
+            metrics.count(blob.source, "blob", 307, 0)
+            return web.Response(status=307, headers={"Location": delivery.location})
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = end - start
+        try:
+            await self._send(request, resp, blob, delivery, digest, start, end)
+        except DigestMismatch as exc:
+            # Bytes already sent cannot be taken back; cutting the connection keeps the
+            # response incomplete, so containerd never commits them.
+            log.error("digest mismatch, connection cut: %s", exc)
+            metrics.VERIFY_FAILURES.labels(blob.source).inc()
+            _abort(request)
+            return resp
+        except Exception as exc:
+            if not resp.prepared:
+                raise  # nothing sent yet: an error answer lets containerd try its next host
+            # Mid-body: containerd resumes with Range, from us or its next host.
+            log.warning("%s blob %s broke off: %r", blob.source, digest, exc)
+            _abort(request)
+            return resp
+        to_peer = asker is not Asker.CONTAINERD
+        metrics.count(blob.source, "blob", status, end - start, to_peer=to_peer)
+        return resp
+
+    async def _send(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        blob: Blob,
+        delivery: Delivery,
+        digest: Digest,
+        start: int,
+        end: int,
+    ) -> None:
+        path, transport = delivery.local_file, request.transport
+        if path is not None and transport is not None and end - start > HOLD_BACK:
+            await self._send_file(request, resp, path, blob, digest, start, end)
+            return
+        if delivery.growing_file is not None and transport is not None:
+            await self._send_growing(request, resp, delivery.growing_file, start, end)
+            return
+        await resp.prepare(request)
+        # Only a blob that verifies as it streams (the spool) is sent as it comes.
+        chunks = (
+            blob.open(start, end)
+            if delivery.verified
+            else verified_chunks(blob, digest, start, end)
+        )
+        sent = 0
+        async for chunk in chunks:
+            sent += len(chunk)
+            view = memoryview(chunk)
+            # Python 3.11's transport buffers what the socket does not take at once and moves
+            # the rest down after every send: small writes keep that copying small.
+            for pos in range(0, len(view), WRITE_SLICE):
+                await resp.write(view[pos : pos + WRITE_SLICE])
+        if sent != end - start:
+            raise ConnectionError(f"{blob.source} gave {sent} of {end - start} bytes")
+        await resp.write_eof()
+
+    async def _send_growing(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        spooled: GrowingFile,
+        start: int,
+        end: int,
+    ) -> None:
+        """A spooled blob goes out by sendfile() as it lands on disk: the kernel copies, and
+        the spool holds back the last piece until the digest matched."""
+        try:
+            fobj = open(spooled.path, "rb")  # noqa: ASYNC230 - a local file
+        except FileNotFoundError:  # retired (containerd has it) or failed since it was found
+            raise BlobUnknown("blob left the spool", {"digest": str(spooled.digest)}) from None
+        with fobj:
+            await resp.prepare(request)
+            await _sendfile(request, fobj, spooled.regions(start, end), end - start, "spool")
+        await resp.write_eof()
+
+    async def _send_file(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        path: str,
+        blob: Blob,
+        digest: Digest,
+        start: int,
+        end: int,
+    ) -> None:
+        """Local files: the kernel copies all but the tail while a thread hashes the whole file."""
+        with open(path, "rb") as fobj:  # noqa: ASYNC230 - opening a local file does not block
+            size = os.fstat(fobj.fileno()).st_size
+            if size != blob.size:
+                raise DigestMismatch(digest, "size differs", size, blob.source)
+            checked = asyncio.ensure_future(self.verifier.check(fobj.fileno(), digest, blob.size))
+
+            async def matched() -> None:
+                if not await checked:
+                    raise DigestMismatch(digest, "differs", blob.size, blob.source)
+
+            async def pieces() -> AsyncIterator[tuple[int, int]]:
+                yield start, end - HOLD_BACK - start
+                yield end - HOLD_BACK, HOLD_BACK
+
+            try:
+                await resp.prepare(request)
+                regions = hold_back(pieces(), matched, final=lambda r: r[0] + r[1] == end)
+                await _sendfile(request, fobj, regions, end - start, blob.source)
+            finally:
+                if not checked.done():
+                    checked.cancel()
+        await resp.write_eof()
+
+
+async def _sendfile(
+    request: web.Request,
+    fobj: BinaryIO,
+    regions: AsyncIterator[tuple[int, int]],
+    expected: int,
+    what: str,
+) -> None:
+    loop = asyncio.get_running_loop()
+    sent = 0
+    async for offset, count in regions:
+        assert request.transport is not None
+        await loop.sendfile(request.transport, fobj, offset, count)
+        sent += count
+    if sent != expected:
+        raise ConnectionError(f"{what} gave {sent} of {expected} bytes")
+
+
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()

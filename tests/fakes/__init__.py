@@ -1,0 +1,1 @@
+"""Fakes and fixtures' helpers that several test modules share (no test module imports another)."""
