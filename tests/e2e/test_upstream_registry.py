@@ -131,7 +131,7 @@ async def test_registry_not_allowed_is_never_contacted(silly: Upstream, tmp_path
     ref = make_reference(silly.host, silly.repos["oci"], silly.tag)
     digest = Digest.parse(silly.digest("oci"))
     async with UpstreamSource(["docker.io"], insecure=[silly.host]) as other:
-        assert await other.resolve(ref, stale_ok=True) is None
+        assert await other.resolve(ref) is None
         assert await other.find(ref, digest, "manifest") is None
     assert silly.registry.settle()[mark:] == []
     assert len(silly.registry.token_server.requests()) == tokens

@@ -94,7 +94,7 @@ async def test_not_allowed_registry_sees_no_request(servers: Servers) -> None:
     image = add_image(reg)
     async with source("docker.io") as src:  # the fake is not on the list
         assert await src.resolve(ref(reg)) is None
-        assert await src.resolve(ref(reg), stale_ok=True) is None
+        assert src.last_known(ref(reg)) is None
         assert await src.lookup(ref(reg)) is None
         assert await src.find(ref(reg), image.digest, "manifest") is None
         assert await src.find(ref(reg), image.layer_digest, "blob") is None
@@ -127,7 +127,8 @@ async def test_no_dns_lookup_for_names_not_allowed(monkeypatch: pytest.MonkeyPat
     async with source("allowed.invalid") as src:
         for ns in hostile:
             r = Reference(ns, "team/app", tag="v1")
-            assert await src.resolve(r, stale_ok=True) is None
+            assert await src.resolve(r) is None
+            assert await src.lookup(r) is None
             assert await src.find(r, digest, "manifest") is None
             assert await src.find(r, digest, "blob") is None
         assert lookups == []

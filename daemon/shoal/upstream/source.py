@@ -4,9 +4,6 @@ Tag policy is not decided here (`shoal.sources.tags` is). For a tag, upstream's 
 
 - `resolve(ref)`: upstream's answer, shared for `tag_ttl` seconds; None when upstream says the
   tag does not exist, is not allowed, or cannot be asked.
-- `resolve(ref, fresh=True)`: ask upstream now, ignoring the TTL cache.
-- `resolve(ref, stale_ok=True)`: like `resolve(ref)`, but when upstream cannot be asked
-  (network, timeouts, 5xx, 429, denied), the last answer it gave, however old.
 - `lookup(ref)`: like `resolve` but raises UpstreamError when upstream cannot be asked, so
   "does not exist" (None) and "unreachable" (exception) can be told apart.
 - `last_known(ref)`: the last answer and its age, without any request.
@@ -94,30 +91,22 @@ class UpstreamSource:
 
     # -- tags ------------------------------------------------------------------------------------
 
-    async def resolve(
-        self, ref: Reference, *, stale_ok: bool = False, fresh: bool = False
-    ) -> Descriptor | None:
+    async def resolve(self, ref: Reference) -> Descriptor | None:
         try:
-            return await self.lookup(ref, fresh=fresh)
+            return await self.lookup(ref)
         except UpstreamError as exc:
             log.warning("cannot resolve %s upstream: %s", ref.image_name, exc)
-            if stale_ok:
-                known = self.last_known(ref)
-                if known is not None:
-                    log.warning("serving %s as last seen %.0fs ago", ref.image_name, known[1])
-                    return known[0]
             return None
 
-    async def lookup(self, ref: Reference, *, fresh: bool = False) -> Descriptor | None:
+    async def lookup(self, ref: Reference) -> Descriptor | None:
         """Upstream's answer for `ref`'s tag; raises UpstreamError when there is none to be had."""
         endpoint = self.endpoint(ref.registry)
         if endpoint is None or ref.tag is None:
             return None
         key = (endpoint.registry, ref.repository, ref.tag)
-        if not fresh:
-            cached = self.tags.fresh(key)
-            if cached is not None:
-                return cached.descriptor
+        cached = self.tags.fresh(key)
+        if cached is not None:
+            return cached.descriptor
         task = self._inflight.get(key)
         if task is None:  # concurrent lookups of one tag share one request
             task = asyncio.ensure_future(self._ask(endpoint, ref.repository, ref.tag, key))
