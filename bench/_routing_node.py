@@ -18,8 +18,8 @@ import time
 from typing import Any
 
 from shoal.routing.keys import key_cid
+from shoal.routing.libp2p.router import Libp2pRouter
 from shoal.routing.options import RoutingOptions
-from shoal.routing.p2p import Libp2pRouter
 
 
 def bench_key(prefix: str, i: int) -> str:

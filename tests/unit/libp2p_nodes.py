@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.routing import Peer, RoutingOptions
-from shoal.routing.p2p import Libp2pRouter
+from shoal.routing.libp2p.router import Libp2pRouter
 
 REGISTRY_PORT = 30020
 # Fast ticks so newcomers get their share quickly; everything else as in production.

@@ -23,7 +23,7 @@ from shoal.routing.bootstrap import (
     make_discovery,
     pod_ips,
 )
-from shoal.routing.p2p import Libp2pRouter
+from shoal.routing.libp2p.router import Libp2pRouter
 from tests.unit.libp2p_nodes import (
     REGISTRY_PORT,
     TEST_OPTIONS,

@@ -160,7 +160,7 @@ def test_psk_file_formats(tmp_path) -> None:  # type: ignore[no-untyped-def]
 def test_identity_is_created_private_and_reused(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from libp2p.peer.id import ID
 
-    from shoal.routing.p2p import load_or_create_identity
+    from shoal.routing.libp2p.router import load_or_create_identity
 
     path = tmp_path / "identity.key"
     first = load_or_create_identity(path)

@@ -315,7 +315,7 @@ async def test_more_nodes_than_replicas_records_land_on_the_closest_and_are_foun
         # Each key went to its 2 closest nodes (one of them possibly the owner), not everywhere.
         received = sum(r.stats()["records_received"] for r in routers)
         assert 6 * 40 <= received <= 6 * 40 * 2
-        assert all(r._node._regions for r in routers)  # keys were placed by region walks
+        assert all(r._node.announcer.regions for r in routers)  # keys were placed by region walks
         misses = 0
         for i, r in enumerate(routers):
             for j, owner_keys in keys.items():
@@ -364,7 +364,7 @@ async def test_refresh_walks_only_when_a_peer_could_be_missing(tmp_path: Path) -
         node = a._node
 
         async def probe() -> bool:
-            return await node._may_find_more()
+            return await node.membership._may_find_more()
 
         # Everyone knows everyone: asking two peers over pooled streams shows nobody is missing.
         assert not await a._bridge().submit(probe)
@@ -376,7 +376,7 @@ async def test_refresh_walks_only_when_a_peer_could_be_missing(tmp_path: Path) -
 
         async def forget_and_refresh() -> tuple[bool, bool]:
             node.dht.routing_table.remove_peer(missing)
-            wanted = await node._may_find_more()
+            wanted = await node.membership._may_find_more()
             await node.dht.peer_routing.find_closest_peers_network(node.peer_id.to_bytes())
             return wanted, node.dht.routing_table.peer_in_table(missing)
 

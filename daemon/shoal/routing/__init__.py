@@ -1,7 +1,7 @@
 """Finding which peers hold a key (a digest or a tag), behind one small asyncio interface.
 
 Importing this package stays cheap: libp2p (~80 MB, ~0.6 s) is imported only when a
-`Libp2pRouter` starts.
+`Libp2pRouter` is made (`shoal.routing.libp2p`).
 """
 
 from shoal.routing.base import NodeInfo, Peer, Router

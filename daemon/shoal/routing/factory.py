@@ -15,7 +15,7 @@ def make_router(settings: Any, registry_port: int, options: RoutingOptions | Non
     `Peer(id, "<peer ip>:<registry_port>")`, and bootstrap asks peers for their ID on it.
     """
     from shoal.routing.bootstrap import make_discovery
-    from shoal.routing.p2p import Libp2pRouter
+    from shoal.routing.libp2p.router import Libp2pRouter
 
     return Libp2pRouter(
         data_dir=settings.data_dir,

@@ -7,7 +7,7 @@ import logging
 import socket
 from dataclasses import dataclass
 
-from shoal.routing.patches import SHOAL_KAD_PROTOCOL
+from shoal.routing.libp2p.internals import SHOAL_KAD_PROTOCOL
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
-"""Shoal's patches to py-libp2p land where 0.8.1 keeps the things they change.
+"""Shoal's patches to py-libp2p land where 0.8.1 keeps the things they change, and a libp2p
+that lacks one stops `shoal run` at once, saying which.
 
-These touch private attributes; if a libp2p upgrade moves one, this fails instead of shoal
+These touch private attributes; if a libp2p upgrade moves one, shoal must fail instead of
 silently falling back to the stock behaviour (48 h records, /ipfs/kad, 12 inbound streams…).
 """
 
@@ -9,20 +10,102 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import inspect
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
-from shoal.routing.patches import (
+from shoal.cli import main
+from shoal.routing.libp2p.internals import (
     _KAD_MODULES,
     SHOAL_KAD_PROTOCOL,
+    TESTED_VERSION,
     apply_process_patches,
+    check,
+    missing,
     tune_dht,
 )
 
 
 def test_pinned_version() -> None:
-    assert importlib.metadata.version("libp2p") == "0.8.1"
+    assert importlib.metadata.version("libp2p") == TESTED_VERSION == "0.8.1"
+
+
+def test_the_pinned_libp2p_has_everything_shoal_patches() -> None:
+    assert list(missing()) == []
+    check()
+
+
+@pytest.fixture
+def logging_restored() -> Iterator[None]:
+    """`shoal run` sets up the process's logging; put it back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _no_buckets(self: Any, *args: Any, **kwargs: Any) -> None:
+    self.peers = []  # a constructor that no longer sets `self.buckets`
+
+
+@pytest.mark.parametrize(
+    ("module", "owner", "attribute", "named"),
+    [
+        (
+            "libp2p.kad_dht.provider_store",
+            None,
+            "PROVIDER_RECORD_EXPIRATION_INTERVAL",
+            "libp2p.kad_dht.provider_store.PROVIDER_RECORD_EXPIRATION_INTERVAL",
+        ),
+        (
+            "libp2p.stream_muxer.yamux.yamux",
+            "YamuxStream",
+            "_auto_tune_and_send_window_update",
+            "libp2p.stream_muxer.yamux.yamux.YamuxStream._auto_tune_and_send_window_update",
+        ),
+        (
+            "libp2p.kad_dht.routing_table",
+            "RoutingTable",
+            "__init__",
+            "libp2p.kad_dht.routing_table.RoutingTable.buckets",
+        ),
+    ],
+)
+def test_a_libp2p_without_what_shoal_patches_stops_shoal_run_saying_what(
+    module: str,
+    owner: str | None,
+    attribute: str,
+    named: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    logging_restored: None,
+) -> None:
+    target: Any = importlib.import_module(module)
+    if owner is not None:
+        target = getattr(target, owner)
+    if attribute == "__init__":
+        monkeypatch.setattr(target, "__init__", _no_buckets)  # an attribute set in __init__
+    else:
+        monkeypatch.delattr(target, attribute)
+    assert list(missing()) == [named]
+    code = main(
+        ["run", "--data-dir", str(tmp_path), "--containerd-socket", str(tmp_path / "none.sock")]
+    )
+    assert code == 1
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line]
+    errors = [line["msg"] for line in lines if line["level"] == "error"]
+    assert errors == [
+        f"shoal failed: py-libp2p {TESTED_VERSION} lacks {named}, which shoal patches or reads "
+        f"(shoal is tested with libp2p=={TESTED_VERSION})"
+    ]
+    assert not (tmp_path / "spool").exists()  # it stopped before touching anything
 
 
 def test_protocol_ttl_read_timeout_and_yamux_patches_are_in_place() -> None:

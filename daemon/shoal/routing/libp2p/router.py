@@ -22,7 +22,7 @@ from shoal.routing.options import (
     resolve_p2p_addresses,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("shoal.routing.p2p")  # its name before the move, kept for log readers
 
 IDENTITY_FILE = "identity.key"
 
@@ -48,7 +48,8 @@ _DONE = object()
 
 
 class Libp2pRouter:
-    """See `shoal.routing.node` for the protocol details; this class only bridges to asyncio."""
+    """See `shoal.routing.libp2p.node` for the protocol details; this class only bridges to
+    asyncio. Making one checks that py-libp2p has what shoal patches (`internals.check`)."""
 
     def __init__(
         self,
@@ -62,6 +63,9 @@ class Libp2pRouter:
         ready_alone: bool = False,
         options: RoutingOptions | None = None,
     ) -> None:
+        from shoal.routing.libp2p.internals import check
+
+        check()  # a libp2p without what shoal patches fails here, saying what it lacks
         self.options = options or RoutingOptions()
         self._data_dir = Path(data_dir)
         self._registry_port = registry_port
@@ -80,7 +84,7 @@ class Libp2pRouter:
     async def start(self) -> None:
         if self._trio is not None:
             raise RuntimeError("router already started")
-        from shoal.routing.node import P2PNode  # imports libp2p (~80 MB, ~0.6 s)
+        from shoal.routing.libp2p.node import P2PNode  # imports libp2p (~80 MB, ~0.6 s)
 
         listen_host, listen_port, announce_host, announce_port = resolve_p2p_addresses(
             self._p2p_listen, self._p2p_announce
@@ -169,7 +173,7 @@ class Libp2pRouter:
         port = self._registry_port
 
         def emit(info: Any) -> None:  # runs in trio; the node only offers usable addresses
-            from shoal.routing.node import provider_ip
+            from shoal.routing.libp2p.host import provider_ip
 
             peer = Peer(str(info.peer_id), http_hostport(str(provider_ip(info)), port))
             loop.call_soon_threadsafe(queue.put_nowait, peer)
