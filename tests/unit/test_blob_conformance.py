@@ -194,7 +194,7 @@ async def _upstream_unhashed(origin: bytes, env: Env) -> AsyncIterator[Blob]:
 
 
 class _Nobody:
-    async def find_at(self, *args: object, **kwargs: object) -> None:
+    async def fetch_at(self, *args: object) -> None:
         raise AssertionError("a node fetching for itself asks no peer")
 
 

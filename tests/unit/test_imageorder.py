@@ -194,22 +194,15 @@ def test_images_remember_what_blobs_belong_to_and_ignore_non_images() -> None:
 
 
 class FakePeers:
-    """PeerSource.find_at as the fetcher uses it: records who was asked for what."""
+    """PeerSource.fetch_at as the fetcher uses it: records who was asked for what."""
 
     def __init__(self) -> None:
-        self.asked: list[tuple[str, str, str, bool]] = []
+        self.asked: list[tuple[str, str, str]] = []
 
-    async def find_at(
-        self,
-        peers: list[Peer],
-        ref: Reference,
-        digest: Digest,
-        *,
-        fetch: bool = False,
-        kind: str = "blob",
-        patience: float | None = None,
+    async def fetch_at(
+        self, peer: Peer, ref: Reference, digest: Digest, kind: str
     ) -> MemoryBlob | None:
-        self.asked.append((peers[0].id, kind, str(digest), fetch))
+        self.asked.append((peer.id, kind, str(digest)))
         return MemoryBlob(b"x", SourceKind.PEER)
 
 
@@ -282,8 +275,8 @@ async def test_a_node_sends_an_images_blobs_to_the_images_designated_node(
     # The designated node was asked for the manifest once (it then fetches the image in
     # order), and for the layer as the fetcher: not the layer's own designated node.
     assert fake_peers.asked == [
-        (image_node.id, "manifest", str(manifest), True),
-        (image_node.id, "blob", str(layer), True),
+        (image_node.id, "manifest", str(manifest)),
+        (image_node.id, "blob", str(layer)),
     ]
     await spool.close()
 

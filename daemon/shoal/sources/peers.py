@@ -29,6 +29,9 @@ from shoal.sources.hedge import hedged
 
 log = logging.getLogger("shoal.peers")
 
+# A peer asked to fetch from upstream first asks upstream itself: it gets this long to answer.
+FETCHER_PATIENCE = 20.0
+
 _ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, OSError)
 _ACCEPT = ", ".join(
     (
@@ -107,12 +110,19 @@ class PeerSource:
         key = str(digest)
         if self._missed(key):
             return None
-        blob = await self.find_at(await self._peers(key), ref, digest, kind=kind)
+        blob = await self._find_at(await self._peers(key), ref, digest, kind=kind)
         if blob is None:
             self._miss(key)
         return blob
 
-    async def find_at(
+    async def fetch_at(
+        self, peer: Peer, ref: Reference, digest: Digest, kind: ContentKind
+    ) -> PeerBlob | None:
+        """Content from `peer`, asked to fetch it from upstream for the cluster (it is the
+        designated fetcher, shoal.fetch.designate)."""
+        return await self._find_at([peer], ref, digest, fetch=True, kind=kind)
+
+    async def _find_at(
         self,
         peers: list[Peer],
         ref: Reference,
@@ -120,11 +130,11 @@ class PeerSource:
         *,
         fetch: bool = False,
         kind: ContentKind = "blob",
-        patience: float | None = None,
     ) -> PeerBlob | None:
-        """Content from the first of `peers` to answer a HEAD for it. With `fetch`, they are
-        asked to fetch it from upstream for the cluster, which needs more `patience`."""
+        """Content from the first of `peers` to answer a HEAD for it; with `fetch`, asked of
+        them as the cluster's fetcher."""
         path = content_path(ref.repository, kind, digest)
+        patience = FETCHER_PATIENCE if fetch else None
         answer = await self._first(peers, "HEAD", path, ref.registry, peer_headers(fetch), patience)
         if answer is None:
             return None

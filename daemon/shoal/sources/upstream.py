@@ -25,9 +25,6 @@ from shoal.upstream.allowlist import Endpoint
 
 log = logging.getLogger("shoal.fetcher")
 
-# A peer asked to fetch from upstream first asks upstream itself: it gets this long to answer.
-FETCHER_PATIENCE = 20.0
-
 
 class Upstream(Protocol):
     """What the fetcher asks of the upstream registries (shoal.upstream.UpstreamSource)."""
@@ -44,15 +41,8 @@ class Upstream(Protocol):
 class FetchingPeer(Protocol):
     """How the fetcher asks a designated node (shoal.sources.peers.PeerSource)."""
 
-    async def find_at(
-        self,
-        peers: list[Peer],
-        ref: Reference,
-        digest: Digest,
-        *,
-        fetch: bool = False,
-        kind: ContentKind = "blob",
-        patience: float | None = None,
+    async def fetch_at(
+        self, peer: Peer, ref: Reference, digest: Digest, kind: ContentKind
     ) -> Blob | None: ...
 
 
@@ -105,9 +95,7 @@ class UpstreamFetcher:
             # and CPU than it saved (bench/rollout.py).
             if image is not None:
                 await self._tell(chosen, ref, image)
-            blob = await self.peers.find_at(
-                [chosen], ref, digest, fetch=True, patience=FETCHER_PATIENCE
-            )
+            blob = await self.peers.fetch_at(chosen, ref, digest, "blob")
             if blob is not None:
                 return blob
             log.info("designated fetcher %s of %s unavailable; fetching here", chosen, digest)
@@ -149,9 +137,7 @@ class UpstreamFetcher:
 
     async def _ask_manifest(self, chosen: Peer, ref: Reference, manifest: Digest) -> None:
         try:
-            answer = await self.peers.find_at(
-                [chosen], ref, manifest, fetch=True, kind="manifest", patience=FETCHER_PATIENCE
-            )
+            answer = await self.peers.fetch_at(chosen, ref, manifest, "manifest")
         except Exception as exc:  # it then fetches blob by blob, as asked
             log.warning("telling %s of image %s failed: %r", chosen, manifest, exc)
             return

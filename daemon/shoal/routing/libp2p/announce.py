@@ -26,30 +26,20 @@ from multiaddr import Multiaddr
 from shoal.routing import wire
 from shoal.routing.keys import keyspace_point
 from shoal.routing.libp2p import internals
-from shoal.routing.libp2p.exchange import Exchanges, Failures, finish
-from shoal.routing.libp2p.host import Host, ip_of
+from shoal.routing.libp2p.exchange import finish
+from shoal.routing.libp2p.host import ip_of
 from shoal.routing.libp2p.membership import Membership
-from shoal.routing.libp2p.stats import Counters
 from shoal.routing.options import is_unspecified
 
 log = logging.getLogger("shoal.routing.node")  # its name before the split, kept for log readers
 
 
 class Announcer:
-    def __init__(
-        self,
-        host: Host,
-        membership: Membership,
-        failures: Failures,
-        exchanges: Exchanges,
-        counters: Counters,
-    ) -> None:
-        self.host = host
-        self.options = host.options
+    def __init__(self, membership: Membership) -> None:
         self.membership = membership
-        self.failures = failures
-        self.exchanges = exchanges
-        self.counters = counters
+        self.host, self.failures = membership.host, membership.failures
+        self.exchanges, self.counters = membership.exchanges, membership.exchanges.counters
+        self.options = self.host.options
         self.keys: set[bytes] = set()
         self.covered: set[ID] = set()  # peers holding their share of all our keys
         self.regions: dict[tuple[int, int], tuple[float, list[ID]]] = {}

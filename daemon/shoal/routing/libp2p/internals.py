@@ -123,19 +123,13 @@ def apply_process_patches(
 ) -> None:
     """Idempotent; the last call wins (one shoal router per process in production)."""
     from libp2p.custom_types import TProtocol
-    from libp2p.kad_dht import common, kad_dht, peer_routing, provider_store, value_store
+    from libp2p.kad_dht import kad_dht, provider_store
 
-    modules: dict[str, Any] = {
-        "common": common,
-        "kad_dht": kad_dht,
-        "provider_store": provider_store,
-        "value_store": value_store,
-        "peer_routing": peer_routing,
-    }
     # KadDHT(protocol_prefix=…) is stored but ignored: the ID `/ipfs/kad/1.0.0` is hard-coded in
     # each module. A private ID keeps shoal's DHT apart from any IPFS node on the network.
     for name in _KAD_MODULES:
-        modules[name].PROTOCOL_ID = TProtocol(protocol_id)
+        module: Any = importlib.import_module(f"libp2p.kad_dht.{name}")
+        module.PROTOCOL_ID = TProtocol(protocol_id)
 
     # Provider records live 48 h and are read from this global at call time. Shoal re-announces
     # every few minutes, so a dead node's records must vanish within tens of minutes.

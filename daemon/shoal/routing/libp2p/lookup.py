@@ -14,10 +14,9 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
 from shoal.routing.keys import keyspace_point
-from shoal.routing.libp2p.exchange import TIMED_OUT, Exchanges, Failures
-from shoal.routing.libp2p.host import Host, provider_ip
+from shoal.routing.libp2p.exchange import TIMED_OUT
+from shoal.routing.libp2p.host import provider_ip
 from shoal.routing.libp2p.membership import Membership
-from shoal.routing.libp2p.stats import Counters
 
 
 class ProviderSearch:
@@ -30,21 +29,18 @@ class ProviderSearch:
 
     def __init__(
         self,
-        host: Host,
         membership: Membership,
-        failures: Failures,
-        exchanges: Exchanges,
-        counters: Counters,
         nursery: trio.Nursery,
         key: bytes,
         limit: int,
         emit: Callable[[PeerInfo], None],
     ) -> None:
-        self.host, self.membership, self.failures = host, membership, failures
-        self.exchanges, self.counters, self.nursery = exchanges, counters, nursery
-        self.options = host.options
+        self.membership, self.nursery = membership, nursery
+        self.host, self.failures = membership.host, membership.failures
+        self.exchanges, self.counters = membership.exchanges, membership.exchanges.counters
+        self.options = self.host.options
         self.key, self.limit, self.emit = key, limit, emit
-        self.seen: set[ID] = {host.me}
+        self.seen: set[ID] = {self.host.me}
         self.held: list[PeerInfo] = []  # providers we know are failing: offered last
         self.found = 0
         # The walk:

@@ -1,33 +1,25 @@
-"""Who this node knows: dialling peers, the cluster members it reports, and finding more."""
+"""Who this node knows: the cluster members it reports, and looking for more."""
 
 from __future__ import annotations
-
-import logging
-from collections.abc import Iterable
 
 import trio
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
-from multiaddr import Multiaddr
 
-from shoal.routing.libp2p.exchange import TIMED_OUT, Exchanges, Failures
-from shoal.routing.libp2p.host import Host, ip_of
+from shoal.routing.libp2p.exchange import TIMED_OUT, Exchanges
+from shoal.routing.libp2p.host import ip_of
 from shoal.routing.libp2p.stats import NodeStats
 from shoal.routing.options import is_unspecified
-
-log = logging.getLogger("shoal.routing.node")  # its name before the split, kept for log readers
 
 # Seconds a peer stays a cluster member (for choosing designated fetchers) after last seen.
 MEMBER_TTL = 60.0
 
 
 class Membership:
-    def __init__(self, host: Host, failures: Failures, exchanges: Exchanges) -> None:
-        self.host = host
-        self.options = host.options
-        self.failures = failures
+    def __init__(self, exchanges: Exchanges) -> None:
         self.exchanges = exchanges
+        self.host, self.failures = exchanges.host, exchanges.failures
+        self.options = self.host.options
         self.stats = NodeStats()
         self._seen: dict[str, tuple[str, float]] = {}  # peer ID -> (IP, last seen), see sample
         self._conn_ids: dict[ID, frozenset[int]] = {}
@@ -41,56 +33,6 @@ class Membership:
         now = trio.current_time()
         table = self.host.kad.routing_table
         return [p for p in table.get_peer_ids() if not self.failures.is_failed(p, now)]
-
-    async def connect(
-        self,
-        addrs: Iterable[str],
-        timeout: float = 5.0,
-        limit: int | None = None,
-        skip_known: bool = False,
-    ) -> int:
-        """Dial `/…/p2p/<id>` multiaddrs (at most `limit` peers, optionally only ones not in
-        the routing table), add them to the routing table, then look ourselves up."""
-        dht, me, host = self.host.kad, self.host.me, self.host.host
-        infos: dict[ID, PeerInfo] = {}
-        for text in addrs:
-            try:
-                info = info_from_p2p_addr(Multiaddr(text))
-            except Exception as exc:
-                log.warning("bad bootstrap address %s: %s", text, exc)
-                continue
-            if info.peer_id == me:
-                continue
-            if skip_known and dht.routing_table.peer_in_table(info.peer_id):
-                continue
-            known = infos.get(info.peer_id)
-            if known is None:
-                if limit is not None and len(infos) >= limit:
-                    continue
-                infos[info.peer_id] = info
-            else:
-                infos[info.peer_id] = PeerInfo(info.peer_id, known.addrs + info.addrs)
-        connected = 0
-
-        async def dial(info: PeerInfo) -> None:
-            nonlocal connected
-            with trio.move_on_after(timeout):
-                try:
-                    host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
-                    await host.connect(info)
-                    await dht.routing_table.add_peer(info)
-                    self.failures.mark_ok(info.peer_id)
-                    connected += 1
-                except Exception as exc:
-                    log.info("bootstrap peer %s unreachable: %s", info.peer_id, exc)
-
-        async with trio.open_nursery() as nursery:
-            for info in infos.values():
-                nursery.start_soon(dial, info)
-        if connected:
-            with trio.move_on_after(10):
-                await dht.peer_routing.find_closest_peers_network(me.to_bytes())
-        return connected
 
     def sample(self, keys: int) -> None:
         """Refreshes `stats` (`keys`: how many this node announces)."""

@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
-from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
 
 from shoal.routing import wire
 from shoal.routing.libp2p import internals
@@ -29,35 +29,21 @@ from shoal.routing.libp2p.host import Host
 from shoal.routing.libp2p.lookup import ProviderSearch
 from shoal.routing.libp2p.membership import Membership
 from shoal.routing.libp2p.stats import Counters, NodeStats
-from shoal.routing.options import RoutingOptions
 
 log = logging.getLogger("shoal.routing.node")  # its name before the split, kept for log readers
 
 
 class P2PNode:
-    """One libp2p host + DHT. Construct anywhere; `serve` runs inside trio."""
+    """One libp2p host + DHT (made when `serve` runs, inside trio)."""
 
-    def __init__(
-        self,
-        key_pair: KeyPair,
-        listen_host: str,
-        listen_port: int,
-        announce_host: str,
-        announce_port: int,
-        options: RoutingOptions | None = None,
-        psk: str | None = None,
-    ) -> None:
-        self.options = options or RoutingOptions()
+    def __init__(self, core: Host) -> None:
+        self.core = core
+        self.options = core.options
         self.counters = Counters()
-        self.core = Host(
-            key_pair, listen_host, listen_port, announce_host, announce_port, self.options, psk
-        )
-        self.failures = Failures(self.core)
-        self.exchanges = Exchanges(self.core, self.failures, self.counters)
-        self.membership = Membership(self.core, self.failures, self.exchanges)
-        self.announcer = Announcer(
-            self.core, self.membership, self.failures, self.exchanges, self.counters
-        )
+        self.failures = Failures(core)
+        self.exchanges = Exchanges(core, self.failures, self.counters)
+        self.membership = Membership(self.exchanges)
+        self.announcer = Announcer(self.membership)
         self._stop = trio.Event()
         self._stopped = trio.Event()
         self._next_full = 0.0
@@ -159,8 +145,47 @@ class P2PNode:
         limit: int | None = None,
         skip_known: bool = False,
     ) -> int:
-        """Dial `/…/p2p/<id>` multiaddrs (see Membership.connect); returns how many answered."""
-        connected = await self.membership.connect(addrs, timeout, limit, skip_known)
+        """Dial `/…/p2p/<id>` multiaddrs (at most `limit` peers, optionally only ones not in
+        the routing table), add them to the routing table, then look ourselves up."""
+        dht, me, host = self.core.kad, self.core.me, self.core.host
+        infos: dict[ID, PeerInfo] = {}
+        for text in addrs:
+            try:
+                info = info_from_p2p_addr(Multiaddr(text))
+            except Exception as exc:
+                log.warning("bad bootstrap address %s: %s", text, exc)
+                continue
+            if info.peer_id == me:
+                continue
+            if skip_known and dht.routing_table.peer_in_table(info.peer_id):
+                continue
+            known = infos.get(info.peer_id)
+            if known is None:
+                if limit is not None and len(infos) >= limit:
+                    continue
+                infos[info.peer_id] = info
+            else:
+                infos[info.peer_id] = PeerInfo(info.peer_id, known.addrs + info.addrs)
+        connected = 0
+
+        async def dial(info: PeerInfo) -> None:
+            nonlocal connected
+            with trio.move_on_after(timeout):
+                try:
+                    host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
+                    await host.connect(info)
+                    await dht.routing_table.add_peer(info)
+                    self.failures.mark_ok(info.peer_id)
+                    connected += 1
+                except Exception as exc:
+                    log.info("bootstrap peer %s unreachable: %s", info.peer_id, exc)
+
+        async with trio.open_nursery() as nursery:
+            for info in infos.values():
+                nursery.start_soon(dial, info)
+        if connected:
+            with trio.move_on_after(10):
+                await dht.peer_routing.find_closest_peers_network(me.to_bytes())
         self._sample()
         return connected
 
@@ -179,17 +204,7 @@ class P2PNode:
     ) -> int:
         """Call `emit` for up to `limit` distinct providers other than us (see ProviderSearch)."""
         assert self._bg is not None
-        search = ProviderSearch(
-            self.core,
-            self.membership,
-            self.failures,
-            self.exchanges,
-            self.counters,
-            self._bg,
-            key,
-            limit,
-            emit,
-        )
+        search = ProviderSearch(self.membership, self._bg, key, limit, emit)
         return await search.run(use_local)
 
 
