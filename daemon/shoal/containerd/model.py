@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import grpc
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from shoal.containerd.api import content_pb2, images_pb2, leases_pb2, types_pb2
@@ -40,9 +41,9 @@ def rpc_error(err: grpc.aio.AioRpcError, what: str) -> ContainerdError:
     return ContainerdError(message, code)
 
 
-def _time(msg: object, name: str) -> datetime | None:
+def _time(msg: Message, name: str) -> datetime | None:
     # Unset timestamps stay None rather than becoming 1970.
-    if not msg.HasField(name):  # type: ignore[attr-defined]
+    if not msg.HasField(name):
         return None
     ts: Timestamp = getattr(msg, name)
     return ts.ToDatetime(tzinfo=UTC)

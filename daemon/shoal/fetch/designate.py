@@ -1,11 +1,8 @@
-"""Which node fetches a blob from upstream for the cluster: decided here, the same on every node.
+"""Which node fetches a blob from upstream for the cluster: decided here, alike on every node
+that knows the same members (why: README, "Upstream, once per cluster", 3 and 4).
 
-Nodes that miss a blob at the same moment, before any advertisement can help, all choose the
-same node by rendezvous hashing over the cluster members they know, and ask it to fetch. For a
-blob of an image manifest this node fetched lately, the hash is of the manifest's digest, so one
-node fetches the whole image, in manifest order (`shoal.fetch.imageorder`); otherwise it is of
-the blob's own digest. Nodes with different views of the membership may choose differently:
-a blob is then fetched twice, never N times.
+The key hashed is the blob's digest or, for a blob of an image manifest this node fetched
+lately, the manifest's: one node then fetches the whole image in order (`imageorder`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The spool: upstream blobs written to local files, readable while they arrive.
+"""The spool: upstream blobs written to local files, readable while they arrive (README,
+"Upstream, once per cluster", 1 and 2).
 
 One Fetch per digest (single flight on this node): the first request starts it, later ones and
 peers join it and read the same growing file. A Fetch runs on its own, independent of the

@@ -145,11 +145,11 @@ class Exchanges:
         for stream in self.streams.expired():
             await finish(stream, ok=True)
 
-    async def query(self, peer: ID, key: bytes, kind: int) -> Any:
+    async def query(self, peer: ID, key: bytes, kind: Message.MessageType) -> Any:
         """One GET_PROVIDERS or FIND_NODE exchange on a pooled stream within the per-peer
         deadline: (providers, closer peers), TIMED_OUT, or None on any other failure."""
         request = Message()
-        request.type = kind  # type: ignore[assignment]
+        request.type = kind
         request.key = key
         payload = request.SerializeToString()
 

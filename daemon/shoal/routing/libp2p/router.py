@@ -189,8 +189,9 @@ class Libp2pRouter:
             while yielded < limit:
                 item = await queue.get()
                 if item is _DONE:
-                    if not fut.cancelled() and fut.exception() is not None:
-                        raise fut.exception()  # type: ignore[misc]
+                    failure = None if fut.cancelled() else fut.exception()
+                    if failure is not None:
+                        raise failure
                     return
                 yielded += 1
                 yield item
