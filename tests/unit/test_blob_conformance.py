@@ -38,9 +38,10 @@ from shoal.sources.nodestore import ContainerdStore
 from shoal.sources.peers import PeerSettings, PeerSource
 from shoal.sources.upstream import UpstreamFetcher
 from shoal.upstream import UpstreamSource
-from tests.fakes.registries import Servers, ref, serve_bytes, source
+from tests.fakes.registries import Servers, serve_bytes
 from tests.fakes.router import MemoryNetwork, MemoryRouter
 from tests.fakes.store import FileStore, MemoryStore
+from tests.fakes.upstream import ref, source
 
 DATA = os.urandom(3 * 1024 * 1024 + 17)  # several chunks, past sendfile's hold-back, unaligned
 DIGEST = Digest.of(DATA)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from tests.fakes.registries import Servers, add_image
+from tests.fakes.registries import Servers
+from tests.fakes.upstream import add_image
 
 
 async def test_fake_registry_challenges_and_accepts_only_its_tokens(servers: Servers) -> None:

@@ -8,8 +8,9 @@ from shoal.content.model import Descriptor
 from shoal.oci import mediatypes as mt
 from shoal.sources.local import LocalSource
 from shoal.sources.tags import TagPolicy
-from tests.fakes.registries import Clock, Servers, add_image, ref, source, status
+from tests.fakes.registries import Servers, status
 from tests.fakes.store import MemoryStore
+from tests.fakes.upstream import Clock, add_image, ref, source
 
 
 def node_with(name: str, body: bytes) -> tuple[LocalSource, Descriptor]:

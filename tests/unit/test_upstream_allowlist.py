@@ -12,13 +12,8 @@ from shoal.oci.digest import Digest
 from shoal.oci.errors import RegistryError
 from shoal.oci.names import Reference
 from shoal.upstream import AllowList, UpstreamSource
-from tests.fakes.registries import (
-    RecordingResolver,
-    Servers,
-    add_image,
-    ref,
-    source,
-)
+from tests.fakes.registries import Servers
+from tests.fakes.upstream import RecordingResolver, add_image, ref, source
 
 
 def test_docker_hub_and_https_defaults() -> None:

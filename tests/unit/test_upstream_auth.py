@@ -16,16 +16,8 @@ from shoal.upstream.allowlist import Endpoint
 from shoal.upstream.auth import token_lifetime
 from shoal.upstream.challenge import Challenge, parse_challenges, pick
 from shoal.upstream.credentials import Credentials, parse_config, registry_key
-from tests.fakes.registries import (
-    Clock,
-    Servers,
-    add_image,
-    basic,
-    read_all,
-    ref,
-    source,
-    write_config,
-)
+from tests.fakes.registries import Servers, basic
+from tests.fakes.upstream import Clock, add_image, read_all, ref, source, write_config
 
 # --- parsing ---------------------------------------------------------------------------------
 

@@ -21,15 +21,8 @@ from shoal.upstream import (
     UpstreamUnavailable,
 )
 from shoal.upstream.manifests import get_manifest
-from tests.fakes.registries import (
-    Clock,
-    Servers,
-    add_image,
-    read_all,
-    ref,
-    source,
-    status,
-)
+from tests.fakes.registries import Servers, status
+from tests.fakes.upstream import Clock, add_image, read_all, ref, source
 
 # --- tags ------------------------------------------------------------------------------------
 

@@ -20,17 +20,8 @@ from shoal.upstream import (
     UpstreamUnavailable,
 )
 from shoal.upstream.transport import redirect_target, retry_after
-from tests.fakes.registries import (
-    Servers,
-    add_image,
-    basic,
-    read_all,
-    ref,
-    source,
-    stall,
-    status,
-    write_config,
-)
+from tests.fakes.registries import Servers, basic, stall, status
+from tests.fakes.upstream import add_image, read_all, ref, source, write_config
 
 
 def test_retry_after_values() -> None:
