@@ -10,7 +10,8 @@ import pytest
 
 from shoal.cli import main
 from shoal.config import Settings
-from tests.unit.chart.helpers import (
+
+from .helpers import (
     FIELD_REFS,
     NAMESPACE,
     VALUE_SETS,

@@ -9,7 +9,7 @@ from typing import Any
 import helm_python as helm
 import pytest
 
-from tests.unit.chart.helpers import (
+from .helpers import (
     NAMESPACE,
     VALUE_SETS,
     containers,

@@ -9,7 +9,7 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 
-from tests.unit.chart.helpers import (
+from .helpers import (
     CHART_DIR,
     CRD_KINDS,
     K8S_VERSIONS,

@@ -6,16 +6,7 @@ from typing import Any
 
 import helm_python as helm
 
-from tests.unit.chart.helpers import (
-    K3S,
-    VALUE_SETS,
-    containers,
-    kinds,
-    only,
-    pod_spec,
-    render,
-    shoal_commands,
-)
+from .helpers import K3S, VALUE_SETS, containers, kinds, only, pod_spec, render, shoal_commands
 
 # --- pod properties ----------------------------------------------------------------------------
 
