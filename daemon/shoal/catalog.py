@@ -1,7 +1,8 @@
 """What this node holds, as routing keys, kept in step with the router's advertisements.
 
 Keys are every digest of every image the node holds (index, the manifests present, configs,
-layers) and every tag as `<registry>/<repo>:<tag>` (containerd's image name). The catalog is
+layers) and every tag as `<registry>/<repo>:<tag>` (containerd's image name); the daemon passes
+only the keys of images it may share (`shoal.tenancy.access`). The catalog is
 rebuilt in full at start, after image events (debounced), after every event-stream break, and
 on a timer (containerd 1.6 publishes no event when content is added). Only differences are sent
 to the router: new keys advertised, vanished keys withdrawn.
@@ -25,6 +26,7 @@ from shoal import metrics
 from shoal.containerd.client import ContainerdClient
 from shoal.containerd.model import ContainerdError, Event
 from shoal.containerd.watch import watch
+from shoal.tenancy.access import HeldImage, split_image_name
 
 log = logging.getLogger("shoal.catalog")
 
@@ -50,17 +52,29 @@ def tag_key(image_name: str) -> str | None:
     return image_name
 
 
-async def node_keys(client: ContainerdClient) -> set[str]:
-    """Every key this node can serve now, read from containerd."""
+async def node_images(client: ContainerdClient) -> list[HeldImage]:
+    """Every image record of the node and what of it the node holds, read from containerd."""
     images = await client.list_images()
     present = {info.digest for info in await client.list_content()}
-    keys: set[str] = set()
+    held: list[HeldImage] = []
     for image in images:
+        where = split_image_name(image.name)
+        if where is None:
+            continue
         walked = await client.walk_image(image, present)
-        keys |= walked.digests
-        tag = tag_key(image.name)
-        if tag is not None and image.target.digest in present:
-            keys.add(tag)
+        manifests = frozenset(b.digest for b in walked.blobs if b.kind in ("index", "manifest"))
+        tag = tag_key(image.name) is not None and image.target.digest in present
+        held.append(
+            HeldImage(*where, image.name, image.target.digest, walked.digests, manifests, tag)
+        )
+    return held
+
+
+async def node_keys(client: ContainerdClient) -> set[str]:
+    """Every key this node can serve now, read from containerd."""
+    keys: set[str] = set()
+    for image in await node_images(client):
+        keys |= image.digests | ({image.name} if image.tag else set())
     return keys
 
 
@@ -130,6 +144,10 @@ class Catalog:
             os.replace(tmp, self.state_file)
         except OSError as exc:
             log.warning("cannot record advertised keys in %s: %s", self.state_file, exc)
+
+    def poke(self) -> None:
+        """Asks for a rebuild soon (what may be shared changed)."""
+        self._dirty.set()
 
     async def _on_event(self, event: Event) -> None:
         self._dirty.set()

@@ -62,7 +62,51 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_level", "info", "log level", choices=LOG_LEVELS),
     Option("p2p_listen", "0.0.0.0:30022", "libp2p listen address (host:port)"),
     Option("p2p_announce", "", "address peers reach this node at (default: first non-loopback)"),
-    Option("p2p_psk", "", "file holding a libp2p private-network key shared by the cluster"),
+    Option(
+        "p2p_psk",
+        "",
+        "file holding a libp2p private-network key shared by the cluster "
+        "(default: derived from the cluster key)",
+    ),
+    Option(
+        "cluster_key_file",
+        "",
+        "file holding the secret every node of the cluster shares: peers sign their requests "
+        "with keys derived from it (without it, only this node's containerd is served)",
+    ),
+    Option(
+        "local_addresses",
+        [],
+        "addresses or CIDR networks whose requests count as this node's containerd, besides "
+        "loopback (hostPort setups), comma separated",
+        type=_csv,
+    ),
+    Option(
+        "share_registries",
+        [],
+        "registry name patterns whose content is shared even when not served anonymously, "
+        "comma separated (single-tenant and air-gapped clusters)",
+        type=_csv,
+    ),
+    Option(
+        "share_repositories",
+        [],
+        "<registry>/<repository> patterns shared even when not served anonymously, comma separated",
+        type=_csv,
+    ),
+    Option(
+        "share_unknown",
+        False,
+        "share content whose status could not be learned (registry unreachable or not in "
+        "--mirror-registries, ctr import)",
+        type=_bool,
+    ),
+    Option(
+        "status_refresh",
+        3600.0,
+        "seconds after which shoal asks again whether a registry serves an image anonymously",
+        type=float,
+    ),
     Option("bootstrap", "none", "how to find the first peers", choices=BOOTSTRAP_MODES),
     Option("bootstrap_peers", [], "static bootstrap multiaddrs, comma separated", type=_csv),
     Option("bootstrap_dns", "", "headless Service name resolving to the other nodes"),
@@ -111,6 +155,12 @@ class Settings:
     p2p_listen: str
     p2p_announce: str
     p2p_psk: str
+    cluster_key_file: str
+    local_addresses: list[str]
+    share_registries: list[str]
+    share_repositories: list[str]
+    share_unknown: bool
+    status_refresh: float
     bootstrap: str
     bootstrap_peers: list[str]
     bootstrap_dns: str

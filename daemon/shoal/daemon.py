@@ -6,13 +6,14 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
 from aiohttp import web
 
 from shoal import logs, metrics
-from shoal.catalog import Catalog
+from shoal.catalog import Catalog, node_images
 from shoal.config import Settings
 from shoal.containerd.client import ContainerdClient
 from shoal.fetch.designate import Designation
@@ -31,6 +32,15 @@ from shoal.sources.nodestore import ContainerdStore
 from shoal.sources.peers import PeerSource, ProviderLookup
 from shoal.sources.tags import TagPolicy
 from shoal.sources.upstream import UpstreamFetcher
+from shoal.tenancy.access import Access
+from shoal.tenancy.admission import Admission, is_local, parse_networks
+from shoal.tenancy.credentialed import CredentialedUpstream
+from shoal.tenancy.gate import AnonymousUpstream, Withheld, Witness
+from shoal.tenancy.keys import load_cluster_key
+from shoal.tenancy.policy import SharePolicy
+from shoal.tenancy.refusals import Refusals
+from shoal.tenancy.signer import PeerSigner
+from shoal.tenancy.status import Prober, StatusStore
 from shoal.upstream import UpstreamSource
 
 log = logging.getLogger("shoal")
@@ -64,7 +74,10 @@ def health_app(ready: Callable[[], bool], router: RoutingView) -> web.Applicatio
         return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
 
     async def providers(request: web.Request) -> web.Response:
-        """Which peers the DHT names for a key: what this node's pulls would try."""
+        """Which peers the DHT names for a key: what this node's pulls would try. Asked from
+        the node itself only: a lookup costs the cluster work."""
+        if not is_local(request.remote):
+            return web.json_response({"error": "ask from the node itself"}, status=403)
         key = request.query.get("key", "")
         if not key or len(key) > 512:
             return web.json_response({"error": "?key=<digest or registry/repo:tag>"}, status=400)
@@ -89,20 +102,47 @@ class Daemon:
             namespace=settings.containerd_namespace,
             content_root=settings.content_root or None,
         )
-        self.router: Router = make_router(settings, split_host_port(settings.listen)[1])
-        self.peers = PeerSource(self.router)
+        key = load_cluster_key(settings.cluster_key_file)
+        port = split_host_port(settings.listen)[1]
+        self.router: Router = make_router(settings, port, psk=key.p2p_psk())
+        self.refusals = Refusals()
+        self.admission = Admission(
+            key,
+            self._my_id,
+            local_networks=parse_networks(settings.local_addresses),
+            refused=self.refusals,
+        )
+        self.peers = PeerSource(self.router, signer=PeerSigner(key, self._my_id))
         self.transfer = PeerTransfer(
             redirect=settings.peer_transfer == "redirect",
             relay_timeout=self.peers.settings.read_timeout,
+        )
+        # The registry and the spool verify every byte already; a third hash would only cost.
+        # Everything fetched for the cluster goes anonymously; credentials serve this node only.
+        anonymous = replace(settings, upstream_credentials="")
+        self.upstream = UpstreamSource.from_settings(anonymous, verify_blobs=False)
+        self.credentialed = (
+            CredentialedUpstream(UpstreamSource.from_settings(settings, verify_blobs=False))
+            if settings.upstream_credentials
+            else None
+        )
+        policy = SharePolicy(
+            settings.share_registries, settings.share_repositories, settings.share_unknown
+        )
+        self.access = Access(
+            StatusStore(Path(settings.data_dir) / "access.json"),
+            policy,
+            Prober(self.upstream),
+            refresh=settings.status_refresh,
+            on_change=lambda: self.catalog.poke(),
         )
         self.catalog = Catalog(
             self.client,
             self.router,
             settings.resync_interval,
+            read_keys=self._shareable_keys,
             state_file=Path(settings.data_dir) / "advertised.json",
         )
-        # The registry and the spool verify every byte already; a third hash would only cost.
-        self.upstream = UpstreamSource.from_settings(settings, verify_blobs=False)
         self.store = ContainerdStore(self.client)
         self.spool = Spool(
             Path(settings.data_dir) / "spool",
@@ -130,6 +170,7 @@ class Daemon:
             root,
         )
         local = LocalSource(self.store)
+        upstream = AnonymousUpstream(self.upstream, self.access)
         sharing = SharedFetches(self.spool, self.router)
         inflight = InFlightSource(sharing)
 
@@ -138,7 +179,7 @@ class Daemon:
             ordered = OrderedFetches(
                 running=self.spool.get,
                 needed=sharing.needed,
-                upstream=lambda ref, digest: self.upstream.find(ref, digest, "blob"),
+                upstream=lambda ref, digest: upstream.find(ref, digest, "blob"),
                 start=sharing.start,
                 streams=self.settings.ordered_streams,
                 # Blobs other nodes relay must not wait longer than they wait for a peer.
@@ -151,18 +192,26 @@ class Daemon:
 
         def fetcher(delegate: bool) -> UpstreamFetcher:
             return UpstreamFetcher(
-                self.upstream, sharing, designation, self.peers, delegate=delegate, ordered=ordered
+                upstream, sharing, designation, self.peers, delegate=delegate, ordered=ordered
             )
 
+        # This node's containerd gets no manifest or tag it may not share (it then asks the
+        # registry itself); peers get only what it may share (shoal.tenancy.gate).
+        to_containerd = Withheld(local, self.access, self.refusals, to_peers=False)
+        to_peers = Withheld(local, self.access, self.refusals, to_peers=True)
         chain = SourceChain(
-            [local, inflight, self.peers, fetcher(True)],
-            peer_sources=[local, inflight],
-            fetch_sources=[local, inflight, fetcher(False)],
-            tags=TagPolicy(self.settings.tag_policy, self.upstream),
+            [to_containerd, inflight, Witness(self.peers, self.access), fetcher(True)],
+            peer_sources=[to_peers, inflight],
+            fetch_sources=[to_peers, inflight, fetcher(False)],
+            tags=TagPolicy(self.settings.tag_policy, upstream),
+            private=self.credentialed,
         )
         # The registry first: bootstrap of other nodes asks it for this node's peer ID.
         app = make_app(
-            chain, p2p_info=lambda: self.router.node_info().to_json(), transfer=self.transfer
+            chain,
+            p2p_info=lambda: self.router.node_info().to_json(),
+            transfer=self.transfer,
+            admission=self.admission,
         )
         await self._serve(app, self.settings.listen, "registry")
         await self._serve(
@@ -186,6 +235,12 @@ class Daemon:
             metrics.PEERS.set(len(self.router.members()))
             await asyncio.sleep(2.0)
 
+    async def _shareable_keys(self, client: ContainerdClient) -> set[str]:
+        return self.access.update(await node_images(client))
+
+    def _my_id(self) -> str:
+        return self.router.node_info().id
+
     async def _held_locally(self, digest: Digest) -> bool:
         return await self.store.content_size(digest) is not None
 
@@ -203,8 +258,11 @@ class Daemon:
             metrics.REGISTRY.unregister(self.routing_metrics)
         if self.ordered is not None:
             await self.ordered.close()
+        await self.access.close()
         await self.spool.close()
         await self.upstream.close()
+        if self.credentialed is not None:
+            await self.credentialed.close()
         await self.peers.close()
         await self.router.stop()
         await self.client.close()

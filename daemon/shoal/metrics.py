@@ -35,6 +35,18 @@ ADVERTISED = Gauge("shoal_advertised_keys", "Keys this node advertises", registr
 MISSES = Counter(
     "shoal_misses_total", "Requests no source could answer", ["kind"], registry=REGISTRY
 )
+REFUSALS = Counter(
+    "shoal_refusals_total",
+    "Requests refused (401/403) and content withheld (private, or of unknown status), by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+CONTENT_STATUS = Gauge(
+    "shoal_images_by_status",
+    "Images this node holds, by whether their registry serves them anonymously",
+    ["status"],
+    registry=REGISTRY,
+)
 VERIFY_FAILURES = Counter(
     "shoal_verify_failures_total",
     "Content whose bytes did not match its digest, by source",

@@ -37,6 +37,8 @@ from shoal.sources.local import LocalSource
 from shoal.sources.nodestore import ContainerdStore
 from shoal.sources.peers import PeerSettings, PeerSource
 from shoal.sources.upstream import UpstreamFetcher
+from shoal.tenancy.keys import ClusterKey
+from shoal.tenancy.signer import PeerSigner
 from shoal.upstream import UpstreamSource
 from tests.fakes.registries import Servers, serve_bytes
 from tests.fakes.router import MemoryNetwork, MemoryRouter
@@ -167,7 +169,8 @@ async def _peer(origin: bytes, env: Env) -> AsyncIterator[Blob]:
     holder = MemoryRouter(net, Peer("holder", await _raw_peer(origin, env)))
     me = MemoryRouter(net, Peer("me", "127.0.0.1:1"))
     await holder.advertise([str(DIGEST)])
-    peers = PeerSource(me, PeerSettings(read_timeout=5.0))
+    signer = PeerSigner(ClusterKey(b"a key of the blob conformance tests"), lambda: "me")
+    peers = PeerSource(me, PeerSettings(read_timeout=5.0), signer=signer)
     env.stack.push_async_callback(peers.close)
     yield found(await peers.find(REF, DIGEST, "blob"))
 

@@ -13,15 +13,26 @@ from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from shoal.registry.app import make_app
-from shoal.registry.protocol import PEER_HEADER, PEER_QUERY
+from shoal.registry.protocol import PEER_HEADER
 from shoal.registry.transfer import PeerTransfer
 from shoal.routing import Peer
 from shoal.sources.chain import SourceChain
 from shoal.sources.local import LocalSource
 from shoal.sources.peers import PeerSettings, PeerSource
+from shoal.tenancy.admission import Admission
+from shoal.tenancy.keys import ClusterKey
+from shoal.tenancy.signer import PeerSigner
+from shoal.tenancy.tokens import CAP_QUERY
 from tests.fakes.images import LAYER, NS, build_image
 from tests.fakes.router import MemoryNetwork, MemoryRouter
 from tests.fakes.store import MemoryStore
+
+KEY = ClusterKey(b"the cluster key of the peer tests, 32+ bytes")
+
+
+def admission(name: str) -> Admission:
+    """What node `name` admits: its own containerd (loopback) and signed peers."""
+    return Admission(KEY, lambda: name)
 
 
 class Cluster:
@@ -42,10 +53,12 @@ class Cluster:
         store = store or MemoryStore()
         holder: dict[str, MemoryRouter] = {}
         settings = PeerSettings(hedge_after=0.1, header_timeout=header_timeout, read_timeout=1.0)
-        peers = PeerSource(_Counting(holder, self.lookups), settings)
+        signer = PeerSigner(KEY, lambda: name)
+        peers = PeerSource(_Counting(holder, self.lookups), settings, signer=signer)
         local = LocalSource(store)
         transfer = PeerTransfer(redirect=redirect, redirect_min=0)
-        app = app or make_app(SourceChain([local, peers], [local]), transfer=transfer)
+        chain = SourceChain([local, peers], [local])
+        app = app or make_app(chain, transfer=transfer, admission=admission(name))
         server = TestServer(app, host="127.0.0.1")
         await server.start_server()
         router = MemoryRouter(self.net, Peer(name, f"127.0.0.1:{server.port}"))
@@ -108,8 +121,10 @@ async def test_peer_requests_are_never_forwarded(cluster: Cluster) -> None:
     _, router_a = await cluster.node("a", full)
     await router_a.advertise([str(image["ldig"])])
     b, _ = await cluster.node("b")
-    url = str(b.make_url(f"/v2/team/app/blobs/{image['ldig']}"))
-    status, _, _ = await get(url, {PEER_HEADER: "1"})
+    path = f"/v2/team/app/blobs/{image['ldig']}"
+    signed = PeerSigner(KEY, lambda: "c").headers("GET", path, None, False)
+    assert PEER_HEADER in signed
+    status, _, _ = await get(str(b.make_url(path)), signed)
     assert status == 404  # b lacks it and must not ask a, even though a has it
     assert str(image["ldig"]) not in cluster.lookups
 
@@ -127,7 +142,7 @@ async def test_redirect_sends_the_client_to_the_peer_which_serves_it_itself(
     assert status == 307
     location = URL(headers["Location"])
     assert (location.host, location.port) == ("127.0.0.1", a.port)
-    assert location.query["ns"] == NS and location.query[PEER_QUERY] == "1"
+    assert location.query["ns"] == NS and CAP_QUERY in location.query
     # At the peer, the redirected request is a peer request: answered from its own content.
     status, body, headers = await get(str(location))
     assert status == 200 and body == LAYER and headers["X-Shoal-Source"] == "local"
@@ -151,7 +166,9 @@ async def test_a_redirected_request_is_never_forwarded_again(cluster: Cluster) -
     _, router_a = await cluster.node("a", full)
     await router_a.advertise([str(image["ldig"])])
     c, _ = await cluster.node("c", redirect=True)
-    url = str(c.make_url(f"/v2/team/app/blobs/{image['ldig']}?ns={NS}&{PEER_QUERY}=1"))
+    path = f"/v2/team/app/blobs/{image['ldig']}"
+    cap = PeerSigner(KEY, lambda: "b").redirect_query("c", path, NS, False)
+    url = str(c.make_url(path).with_query({"ns": NS, **cap}))
     status, body, _ = await get(url, follow=False)
     assert status == 404 and b"BLOB_UNKNOWN" in body
     assert str(image["ldig"]) not in cluster.lookups
@@ -204,7 +221,7 @@ async def test_body_cut_midway_resumes_from_another_peer(cluster: Cluster) -> No
 
     flaky_app = web.Application()
     flaky_app.router.add_route("*", "/{tail:.*}", flaky)
-    good_app = make_app(SourceChain([LocalSource(full)]))
+    good_app = make_app(SourceChain([LocalSource(full)]), admission=admission("good"))
     good_app.on_response_prepare.append(record)
     _, bad = await cluster.node("flaky", app=flaky_app)
     _, good = await cluster.node("good", app=good_app)

@@ -15,9 +15,11 @@ from shoal.fetch.spool import Spool, SpoolBlob
 from shoal.oci import mediatypes as mt
 from shoal.oci.digest import Digest
 from shoal.registry.app import ByteCache, make_app
-from shoal.registry.protocol import PEER_HEADER
 from shoal.sources.chain import SourceChain
 from shoal.sources.local import LocalSource
+from shoal.tenancy.admission import Admission
+from shoal.tenancy.keys import ClusterKey
+from shoal.tenancy.signer import PeerSigner
 from tests.fakes.images import LAYER, NS, build_image
 from tests.fakes.store import FileStore, MemoryStore
 
@@ -179,14 +181,17 @@ async def test_peer_requests_use_peer_sources_only() -> None:
     empty, full = MemoryStore(), MemoryStore()
     image = build_image(full)
     chain = SourceChain([LocalSource(empty), LocalSource(full)], [LocalSource(empty)])
-    server = TestServer(make_app(chain), host="127.0.0.1")
+    key = ClusterKey(b"a cluster key of the registry tests")
+    server = TestServer(make_app(chain, admission=Admission(key, lambda: "me")), host="127.0.0.1")
     await server.start_server()
     try:
         async with aiohttp.ClientSession() as session:
-            blob = server.make_url(f"/v2/team/app/blobs/{image['ldig']}")
+            path = f"/v2/team/app/blobs/{image['ldig']}"
+            blob = server.make_url(path)
             async with session.head(blob) as resp:
                 assert resp.status == 200
-            async with session.head(blob, headers={PEER_HEADER: "1"}) as resp:
+            signed = PeerSigner(key, lambda: "peer").headers("HEAD", path, None, False)
+            async with session.head(blob, headers=signed) as resp:
                 assert resp.status == 404
     finally:
         await server.close()

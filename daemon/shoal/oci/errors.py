@@ -56,3 +56,11 @@ class RangeInvalid(RegistryError):
 
 class Unsupported(RegistryError):
     status, code = 405, "UNSUPPORTED"
+
+
+class Unauthorized(RegistryError):
+    status, code = 401, "UNAUTHORIZED"
+
+
+class Denied(RegistryError):
+    status, code = 403, "DENIED"

@@ -24,9 +24,10 @@ from shoal.oci.mediatypes import MAX_MANIFEST_BYTES, manifest_media_type
 from shoal.oci.names import Reference, make_reference
 from shoal.registry.blobserver import BlobServer
 from shoal.registry.middleware import NameUnknownPath, common_headers, not_found, oci_errors
-from shoal.registry.protocol import P2P_INFO_PATH, Asker, asker
+from shoal.registry.protocol import P2P_INFO_PATH, Asker
 from shoal.registry.transfer import PeerTransfer
 from shoal.sources.chain import SourceChain
+from shoal.tenancy.admission import Admission, admitted
 
 log = logging.getLogger("shoal.registry")
 
@@ -83,7 +84,7 @@ class Registry:
             raise NameUnknownPath()
         ns = request.query.get("ns")
         ref = make_reference(ns, match["name"], match["ref"])
-        who = asker(request.headers, request.query)
+        who = admitted(request)
         if match["kind"] == "manifests":
             return await self.serve_manifest(request, ref, who)
         if ref.digest is None:
@@ -151,13 +152,16 @@ def make_app(
     chain: SourceChain,
     p2p_info: Callable[[], dict[str, Any]] | None = None,
     transfer: PeerTransfer | None = None,
+    admission: Admission | None = None,
 ) -> web.Application:
     """The pull API. `p2p_info`, when given, is served at P2P_INFO_PATH: peers that know only
     this node's address learn its libp2p identity there (dns and kubernetes bootstrap).
     `transfer` decides whether containerd is sent to a peer for a blob (default: as the
-    `--peer-transfer` default)."""
+    `--peer-transfer` default). `admission` decides who may ask (default: this node's
+    containerd only, over loopback)."""
     registry = Registry(chain, transfer or PeerTransfer())
-    app = web.Application(middlewares=[oci_errors], client_max_size=1024)
+    admit = admission or Admission(None, lambda: "")
+    app = web.Application(middlewares=[admit.middleware, oci_errors], client_max_size=1024)
     if p2p_info is not None:
         info = p2p_info
 

@@ -8,11 +8,17 @@ from shoal.routing.base import Router
 from shoal.routing.options import RoutingOptions
 
 
-def make_router(settings: Any, registry_port: int, options: RoutingOptions | None = None) -> Router:
+def make_router(
+    settings: Any,
+    registry_port: int,
+    options: RoutingOptions | None = None,
+    psk: str | None = None,
+) -> Router:
     """A `Libp2pRouter` configured from `shoal.config.Settings`.
 
     `registry_port` is the port of the registry API, the same on every node: lookups return
     `Peer(id, "<peer ip>:<registry_port>")`, and bootstrap asks peers for their ID on it.
+    `psk` (hex) keys the libp2p private network unless `settings.p2p_psk` names a key file.
     """
     from shoal.routing.bootstrap import make_discovery
     from shoal.routing.libp2p.router import Libp2pRouter
@@ -23,6 +29,7 @@ def make_router(settings: Any, registry_port: int, options: RoutingOptions | Non
         p2p_listen=settings.p2p_listen,
         p2p_announce=settings.p2p_announce,
         psk_file=settings.p2p_psk,
+        psk=psk,
         discovery=make_discovery(settings, registry_port),
         ready_alone=settings.ready_alone,
         options=options,

@@ -2,6 +2,8 @@
 
 containerd's requests get every source; a peer's requests only what this node holds, so
 requests never loop; a peer that chose this node to fetch for the cluster also gets upstream.
+A `private` source (the upstream with configured credentials) answers this node's containerd
+only, last, tags included.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ async def first_answer(sources: Sequence[Source], ref: Reference) -> Descriptor 
 class SourceChain:
     """`sources` for containerd, `peer_sources` for peers (default: the first source),
     `fetch_sources` for a peer's fetch request (default: `peer_sources`); `tags` decides what
-    a tag means (default: the first source that knows)."""
+    a tag means (default: the first source that knows); `private`, when given, is the last of
+    `sources` and also resolves the tags nothing else could."""
 
     def __init__(
         self,
@@ -39,11 +42,13 @@ class SourceChain:
         peer_sources: Sequence[Source] | None = None,
         fetch_sources: Sequence[Source] | None = None,
         tags: TagResolver | None = None,
+        private: Source | None = None,
     ) -> None:
-        self.sources = list(sources)
+        self.sources = list(sources) + ([private] if private is not None else [])
         self.peer_sources = list(peer_sources if peer_sources is not None else sources[:1])
         self.fetch_sources = list(fetch_sources if fetch_sources is not None else self.peer_sources)
         self.tags = tags
+        self.private = private
 
     def for_asker(self, asker: Asker) -> list[Source]:
         if asker is Asker.CONTAINERD:
@@ -51,9 +56,14 @@ class SourceChain:
         return self.fetch_sources if asker is Asker.FETCH else self.peer_sources
 
     async def resolve(self, sources: Sequence[Source], ref: Reference) -> Descriptor | None:
+        shared = [s for s in sources if s is not self.private]
         if self.tags is not None:
-            return await self.tags.resolve(ref, sources)
-        return await first_answer(sources, ref)
+            found = await self.tags.resolve(ref, shared)
+        else:
+            found = await first_answer(shared, ref)
+        if found is None and self.private is not None and self.private in sources:
+            return await self.private.resolve(ref)
+        return found
 
     @staticmethod
     async def find_blob(sources: Sequence[Source], ref: Reference, digest: Digest) -> Blob | None:

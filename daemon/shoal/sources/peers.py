@@ -1,11 +1,12 @@
 """Other nodes' shoal as a Source: found through the router, fetched over HTTP.
 
-A request to a peer carries the peer protocol's marks (`shoal.registry.protocol`), so the peer
-answers from its own content only and never forwards. Slow peers are hedged (`hedge`): when the
-first has not answered its headers within `hedge_after`, the next is asked too and the first
-answer wins. A body that breaks midway is resumed with Range from the next peer. A digest no
-peer holds is remembered briefly, so a burst of misses costs one lookup; the registry then
-answers 404 at once.
+A request to a peer carries the peer protocol's marks (`shoal.registry.protocol`), signed
+(`RequestSigner`), so the peer answers from its own content only and never forwards; a URL
+containerd is redirected to carries a capability for that one object. Slow peers are hedged
+(`hedge`): when the first has not answered its headers within `hedge_after`, the next is asked
+too and the first answer wins. A body that breaks midway is resumed with Range from the next
+peer. A digest no peer holds is remembered briefly, so a burst of misses costs one lookup; the
+registry then answers 404 at once.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from shoal.content.model import READ_BUFSIZE, ContentKind, Delivery, Descriptor,
 from shoal.oci.digest import Digest
 from shoal.oci.errors import RegistryError
 from shoal.oci.names import Reference
-from shoal.registry.protocol import content_path, peer_headers, peer_url, redirect_marks
+from shoal.registry.protocol import content_path, peer_url
 from shoal.routing.base import Peer
 from shoal.sources.hedge import hedged
 
@@ -41,6 +42,16 @@ _ACCEPT = ", ".join(
         "application/vnd.docker.distribution.manifest.v2+json",
     )
 )
+
+
+class RequestSigner(Protocol):
+    """How requests to peers prove cluster membership (shoal.tenancy.signer.PeerSigner)."""
+
+    def headers(self, method: str, path: str, ns: str | None, fetch: bool) -> dict[str, str]: ...
+
+    def redirect_query(
+        self, holder: str, path: str, ns: str | None, fetch: bool
+    ) -> dict[str, str]: ...
 
 
 class ProviderLookup(Protocol):
@@ -61,8 +72,15 @@ class PeerSettings:
 class PeerSource:
     name = SourceKind.PEER
 
-    def __init__(self, router: ProviderLookup, settings: PeerSettings | None = None) -> None:
+    def __init__(
+        self,
+        router: ProviderLookup,
+        settings: PeerSettings | None = None,
+        *,
+        signer: RequestSigner,
+    ) -> None:
         self.router = router
+        self.signer = signer
         self.settings = settings or PeerSettings()
         self._session: aiohttp.ClientSession | None = None
         self._misses: dict[str, float] = {}
@@ -93,7 +111,7 @@ class PeerSource:
             return None
         peers = await self._peers(key)
         path = content_path(ref.repository, "manifest", ref.tag)
-        answer = await self._first(peers, "HEAD", path, ref.registry, peer_headers(False))
+        answer = await self._first(peers, "HEAD", path, ref.registry)
         if answer is None:
             self._miss(key)
             return None
@@ -135,7 +153,7 @@ class PeerSource:
         them as the cluster's fetcher."""
         path = content_path(ref.repository, kind, digest)
         patience = FETCHER_PATIENCE if fetch else None
-        answer = await self._first(peers, "HEAD", path, ref.registry, peer_headers(fetch), patience)
+        answer = await self._first(peers, "HEAD", path, ref.registry, fetch, patience)
         if answer is None:
             return None
         first, resp = answer
@@ -173,7 +191,7 @@ class PeerSource:
         method: str,
         path: str,
         ns: str | None,
-        marks: dict[str, str],
+        fetch: bool = False,
         patience: float | None = None,
     ) -> tuple[Peer, aiohttp.ClientResponse] | None:
         """The first peer to answer 200/206, hedging slow ones; its response is released."""
@@ -185,7 +203,7 @@ class PeerSource:
             resp = await self.session.request(
                 method,
                 peer_url(peer.address, path, ns),
-                headers={"Accept": _ACCEPT, **marks},
+                headers={"Accept": _ACCEPT, **self.signer.headers(method, path, ns, fetch)},
                 allow_redirects=False,
                 timeout=timeout,
             )
@@ -213,8 +231,9 @@ class PeerBlob:
     source: SourceKind = SourceKind.PEER
 
     def delivery(self) -> Delivery:
-        marks = redirect_marks(self.fetch)
-        return Delivery(location=peer_url(self.peers[0].address, self._blob_path, self.ns, marks))
+        holder, path = self.peers[0], self._blob_path
+        marks = self.owner.signer.redirect_query(holder.id, path, self.ns, self.fetch)
+        return Delivery(location=peer_url(holder.address, path, self.ns, marks))
 
     @property
     def _blob_path(self) -> str:
@@ -228,7 +247,7 @@ class PeerBlob:
         for peer in self.peers:
             if pos >= end:
                 return
-            headers = peer_headers(self.fetch)
+            headers = self.owner.signer.headers("GET", self._blob_path, self.ns, self.fetch)
             if pos > 0 or end < self.size:
                 headers["Range"] = f"bytes={pos}-{end - 1}"
             url = peer_url(peer.address, self._blob_path, self.ns)

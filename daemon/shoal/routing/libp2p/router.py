@@ -59,6 +59,7 @@ class Libp2pRouter:
         p2p_listen: str = "0.0.0.0:30022",
         p2p_announce: str = "",
         psk_file: str = "",
+        psk: str | None = None,
         discovery: Discovery | None = None,
         ready_alone: bool = False,
         options: RoutingOptions | None = None,
@@ -72,6 +73,7 @@ class Libp2pRouter:
         self._p2p_listen = p2p_listen
         self._p2p_announce = p2p_announce
         self._psk_file = psk_file
+        self._psk = psk  # used when no psk_file is given
         self._discovery = discovery
         self._ready_alone = ready_alone
         self._trio: TrioThread | None = None
@@ -100,7 +102,7 @@ class Libp2pRouter:
             announce_host,
             announce_port,
             self.options,
-            psk=read_psk(self._psk_file),
+            psk=read_psk(self._psk_file) if self._psk_file else self._psk,
         )
         self._node = P2PNode(host)
         self._trio = TrioThread()

@@ -1,0 +1,118 @@
+"""Access applied to Sources: what each asker may be answered from, and what answers teach.
+
+`Withheld` wraps this node's own content. Towards peers (and containerd of other nodes sent here
+by a redirect) it answers shareable content only. Towards this node's containerd it answers
+blobs, but no manifest or tag that is not shareable: containerd then asks the registry itself,
+with the pod's credentials, so the registry decides and the kubelet's credential re-check
+reaches it. A withheld object is a miss, never an error: nothing tells a peer it exists.
+
+`Witness` wraps sources whose answers prove content public: the upstream client without
+credentials, and peers (which share only what they may).
+"""
+
+from __future__ import annotations
+
+from shoal.content.memory import MemoryBlob
+from shoal.content.model import Blob, ContentKind, Descriptor, Source, SourceKind
+from shoal.oci.digest import Digest
+from shoal.oci.names import Reference
+from shoal.tenancy.access import Access
+from shoal.tenancy.refusals import Refusals
+from shoal.upstream import UpstreamSource
+from shoal.upstream.allowlist import Endpoint
+
+
+class Withheld:
+    def __init__(
+        self, source: Source, access: Access, refused: Refusals, *, to_peers: bool
+    ) -> None:
+        self.source = source
+        self.access = access
+        self.refusals = refused
+        self.to_peers = to_peers
+
+    @property
+    def name(self) -> SourceKind:
+        return self.source.name
+
+    async def resolve(self, ref: Reference) -> Descriptor | None:
+        name = ref.image_name
+        if name is None or not self.access.tag_ok(name):
+            self._withheld(name, "tag")
+            return None
+        return await self.source.resolve(ref)
+
+    async def find(self, ref: Reference, digest: Digest, kind: ContentKind) -> Blob | None:
+        if kind == "manifest":
+            ok = ref.registry is not None and self.access.manifest_ok(
+                ref.registry, ref.repository, digest
+            )
+        else:
+            ok = not self.to_peers or self.access.blob_ok(digest)
+        if not ok:
+            self._withheld(str(digest), kind)
+            return None
+        return await self.source.find(ref, digest, kind)
+
+    def _withheld(self, key: str | None, kind: str) -> None:
+        reason = None if key is None else self.access.withheld(key)
+        if reason is None:
+            return  # not held here at all: an ordinary miss
+        whom = "a peer" if self.to_peers else "this node's containerd (it asks the registry)"
+        self.refusals.refused(reason, f"{kind} withheld from {whom}")
+
+
+class Witness:
+    """A peer source whose answers are recorded as shareable."""
+
+    def __init__(self, source: Source, access: Access) -> None:
+        self.source = source
+        self.access = access
+
+    @property
+    def name(self) -> SourceKind:
+        return self.source.name
+
+    async def resolve(self, ref: Reference) -> Descriptor | None:
+        return await self.source.resolve(ref)
+
+    async def find(self, ref: Reference, digest: Digest, kind: ContentKind) -> Blob | None:
+        blob = await self.source.find(ref, digest, kind)
+        if blob is not None:
+            self.access.learned(ref, digest, kind, "peer")
+        return blob
+
+
+class AnonymousUpstream:
+    """The upstream client without credentials, recording what it was served: what a registry
+    serves to anyone is public. Everything the cluster fetches for itself goes through it."""
+
+    name = SourceKind.UPSTREAM
+
+    def __init__(self, upstream: UpstreamSource, access: Access) -> None:
+        self.upstream = upstream
+        self.access = access
+
+    def endpoint(self, registry: str | None) -> Endpoint | None:
+        return self.upstream.endpoint(registry)
+
+    async def resolve(self, ref: Reference) -> Descriptor | None:
+        return await self.upstream.resolve(ref)
+
+    async def lookup(self, ref: Reference) -> Descriptor | None:
+        return await self.upstream.lookup(ref)
+
+    def last_known(self, ref: Reference) -> tuple[Descriptor, float] | None:
+        return self.upstream.last_known(ref)
+
+    async def find(self, ref: Reference, digest: Digest, kind: ContentKind) -> Blob | None:
+        blob = await self.upstream.find(ref, digest, kind)
+        if blob is not None:
+            self.access.learned(ref, digest, kind, "upstream")
+        return blob
+
+    async def manifest(self, ref: Reference, digest: Digest) -> MemoryBlob | None:
+        blob = await self.upstream.manifest(ref, digest)
+        if blob is not None:
+            self.access.learned(ref, digest, "manifest", "upstream")
+        return blob
