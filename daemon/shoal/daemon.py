@@ -25,7 +25,6 @@ from shoal.registry.app import make_app
 from shoal.registry.transfer import PeerTransfer
 from shoal.routing.base import Peer, Router
 from shoal.routing.factory import make_router
-from shoal.sources.chain import SourceChain
 from shoal.sources.inflight import InFlightSource
 from shoal.sources.local import LocalSource
 from shoal.sources.nodestore import ContainerdStore
@@ -35,7 +34,7 @@ from shoal.sources.upstream import UpstreamFetcher
 from shoal.tenancy.access import Access
 from shoal.tenancy.admission import Admission, is_local, parse_networks
 from shoal.tenancy.credentialed import CredentialedUpstream
-from shoal.tenancy.gate import AnonymousUpstream, Withheld, Witness
+from shoal.tenancy.gate import AnonymousUpstream, gated_chain
 from shoal.tenancy.keys import load_cluster_key
 from shoal.tenancy.policy import SharePolicy
 from shoal.tenancy.refusals import Refusals
@@ -195,14 +194,14 @@ class Daemon:
                 upstream, sharing, designation, self.peers, delegate=delegate, ordered=ordered
             )
 
-        # This node's containerd gets no manifest or tag it may not share (it then asks the
-        # registry itself); peers get only what it may share (shoal.tenancy.gate).
-        to_containerd = Withheld(local, self.access, self.refusals, to_peers=False)
-        to_peers = Withheld(local, self.access, self.refusals, to_peers=True)
-        chain = SourceChain(
-            [to_containerd, inflight, Witness(self.peers, self.access), fetcher(True)],
-            peer_sources=[to_peers, inflight],
-            fetch_sources=[to_peers, inflight, fetcher(False)],
+        chain = gated_chain(
+            local=local,
+            inflight=inflight,
+            peers=self.peers,
+            fetch_for_containerd=fetcher(True),
+            fetch_for_peers=fetcher(False),
+            access=self.access,
+            refused=self.refusals,
             tags=TagPolicy(self.settings.tag_policy, upstream),
             private=self.credentialed,
         )

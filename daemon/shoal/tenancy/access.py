@@ -145,11 +145,10 @@ class Access:
         if self.prober is None or key in self._probing:
             return
         now = self.clock()
-        if learned is None:
-            retry = self._retry.get(key)
-            if retry is not None and retry[0] > now:
-                return
-        elif now - learned.at < self.refresh * _jitter(key):
+        retry = self._retry.get(key)
+        if retry is not None and retry[0] > now:
+            return  # the last attempt learned nothing: wait out its backoff
+        if learned is not None and now - learned.at < self.refresh * _jitter(key):
             return
         self._probing.add(key)
         task = asyncio.ensure_future(self._probe(key))

@@ -16,6 +16,7 @@ from shoal.content.memory import MemoryBlob
 from shoal.content.model import Blob, ContentKind, Descriptor, Source, SourceKind
 from shoal.oci.digest import Digest
 from shoal.oci.names import Reference
+from shoal.sources.chain import SourceChain, TagResolver
 from shoal.tenancy.access import Access
 from shoal.tenancy.refusals import Refusals
 from shoal.upstream import UpstreamSource
@@ -116,3 +117,31 @@ class AnonymousUpstream:
         if blob is not None:
             self.access.learned(ref, digest, "manifest", "upstream")
         return blob
+
+
+def gated_chain(
+    *,
+    local: Source,
+    inflight: Source,
+    peers: Source,
+    fetch_for_containerd: Source,
+    fetch_for_peers: Source,
+    access: Access,
+    refused: Refusals,
+    tags: TagResolver | None = None,
+    private: Source | None = None,
+) -> SourceChain:
+    """Who may be answered from what: this node's containerd from its own content (no manifest
+    or tag it may not share), in-flight fetches, peers, the cluster's upstream fetch and, last,
+    `private` (the upstream with credentials); a peer from shareable content only; a peer that
+    chose this node to fetch for the cluster also from upstream, anonymously. In-flight fetches
+    are anonymous, so shareable (`credentialed` never spools)."""
+    to_containerd = Withheld(local, access, refused, to_peers=False)
+    to_peers = Withheld(local, access, refused, to_peers=True)
+    return SourceChain(
+        [to_containerd, inflight, Witness(peers, access), fetch_for_containerd],
+        peer_sources=[to_peers, inflight],
+        fetch_sources=[to_peers, inflight, fetch_for_peers],
+        tags=tags,
+        private=private,
+    )

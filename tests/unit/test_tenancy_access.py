@@ -1,0 +1,189 @@
+"""What a node may share: learned statuses, opt-in rules, refreshes, and what content teaches."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from shoal.oci.digest import Digest
+from shoal.oci.names import make_reference
+from shoal.tenancy.access import Access, HeldImage, split_image_name
+from shoal.tenancy.policy import SharePolicy
+from shoal.tenancy.status import Key, Status, StatusStore
+from tests.fakes.upstream import Clock
+
+REG = "registry.test:5000"
+
+
+def d(n: int) -> str:
+    return "sha256:" + f"{n:x}" * 64
+
+
+def image(repo: str, target: int, *blobs: int, tag: str | None = "v1") -> HeldImage:
+    name = f"{REG}/{repo}:{tag}" if tag else f"{REG}/{repo}@{d(target)}"
+    digests = frozenset({d(target), *(d(b) for b in blobs)})
+    return HeldImage(REG, repo, name, d(target), digests, frozenset({d(target)}), tag is not None)
+
+
+class FakeProber:
+    """Answers from a table; counts what it was asked."""
+
+    def __init__(self, answers: dict[Key, Status]) -> None:
+        self.answers = answers
+        self.asked: list[Key] = []
+
+    async def probe(self, key: Key) -> Status:
+        self.asked.append(key)
+        return self.answers.get(key, Status.UNKNOWN)
+
+
+def access(
+    tmp_path: Path,
+    answers: dict[Key, Status] | None = None,
+    policy: SharePolicy | None = None,
+    clock: Clock | None = None,
+) -> tuple[Access, FakeProber, list[int]]:
+    clock = clock or Clock()
+    changes: list[int] = []
+    prober = FakeProber(answers or {})
+    acc = Access(
+        StatusStore(tmp_path / "access.json", clock),
+        policy or SharePolicy(),
+        prober,  # type: ignore[arg-type]
+        refresh=100.0,
+        on_change=lambda: changes.append(1),
+        clock=clock,
+    )
+    return acc, prober, changes
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_only_images_served_anonymously_are_advertised_and_shared(tmp_path: Path) -> None:
+    public, private = image("pub/app", 1, 2, 3), image("priv/app", 4, 5, 3)
+    acc, prober, changes = access(tmp_path, {
+        (REG, "pub/app", d(1)): Status.PUBLIC, (REG, "priv/app", d(4)): Status.PRIVATE,
+    })  # fmt: skip
+    assert acc.update([public, private]) == set()  # nothing learned yet: nothing shared
+    await settle()
+    assert sorted(prober.asked) == [(REG, "priv/app", d(4)), (REG, "pub/app", d(1))]
+    assert changes  # the catalog is asked to sync again
+    keys = acc.update([public, private])
+    assert keys == {d(1), d(2), d(3), public.name}
+    assert acc.tag_ok(public.name) and not acc.tag_ok(private.name)
+    assert acc.blob_ok(Digest.parse(d(2))) and not acc.blob_ok(Digest.parse(d(5)))
+    # A layer of the private image that the public one also has is public by it.
+    assert acc.blob_ok(Digest.parse(d(3)))
+    assert acc.withheld(d(5)) == "private" and acc.withheld(d(3)) is None
+    # Manifests only under their own repository: naming another one proves nothing.
+    assert acc.manifest_ok(REG, "pub/app", Digest.parse(d(1)))
+    assert not acc.manifest_ok(REG, "priv/app", Digest.parse(d(1)))
+    assert not acc.manifest_ok(REG, "priv/app", Digest.parse(d(4)))
+
+
+async def test_a_public_image_turned_private_is_withdrawn_at_the_refresh(tmp_path: Path) -> None:
+    clock = Clock()
+    answers = {(REG, "app", d(1)): Status.PUBLIC}
+    acc, prober, changes = access(tmp_path, answers, clock=clock)
+    img = image("app", 1, 2)
+    acc.update([img])
+    await settle()
+    assert acc.update([img]) == {d(1), d(2), img.name}
+    answers[(REG, "app", d(1))] = Status.PRIVATE
+    clock.now += 50  # before the refresh: not asked again
+    acc.update([img])
+    await settle()
+    assert len(prober.asked) == 1
+    clock.now += 100
+    acc.update([img])
+    await settle()
+    assert len(prober.asked) == 2 and len(changes) == 2
+    assert acc.update([img]) == set() and not acc.blob_ok(Digest.parse(d(2)))
+
+
+async def test_an_outage_keeps_what_was_learned_and_retries_unknown(tmp_path: Path) -> None:
+    clock = Clock()
+    answers = {(REG, "app", d(1)): Status.PUBLIC}
+    acc, prober, _ = access(tmp_path, answers, clock=clock)
+    img = image("app", 1, 2)
+    acc.update([img])
+    await settle()
+    del answers[(REG, "app", d(1))]  # the registry is down from now on
+    clock.now += 200
+    acc.update([img])
+    await settle()
+    assert len(prober.asked) == 2
+    assert acc.update([img]) == {d(1), d(2), img.name}  # still shared: nothing new was learned
+    await settle()
+    assert len(prober.asked) == 2  # and not asked on every sync while the registry is down
+    # An image never learned is asked again after a backoff, not on every sync.
+    other = image("other", 7, 8)
+    acc.update([img, other])
+    await settle()
+    acc.update([img, other])
+    await settle()
+    assert prober.asked.count((REG, "other", d(7))) == 1
+    clock.now += 31
+    acc.update([img, other])
+    await settle()
+    assert prober.asked.count((REG, "other", d(7))) == 2
+
+
+async def test_statuses_are_remembered_across_restarts(tmp_path: Path) -> None:
+    answers = {(REG, "app", d(1)): Status.PUBLIC}
+    acc, _, _ = access(tmp_path, answers)
+    img = image("app", 1, 2)
+    acc.update([img])
+    await settle()
+    acc.update([img])
+    restarted, prober, _ = access(tmp_path, {})  # the registry is down after the restart
+    assert restarted.update([img]) == {d(1), d(2), img.name}
+    await settle()
+    assert prober.asked == []  # fresh enough: not even asked
+
+
+async def test_opt_in_rules_share_regardless_and_unknown_only_when_asked(tmp_path: Path) -> None:
+    private = {(REG, "priv/app", d(4)): Status.PRIVATE}
+    imgs = [image("priv/app", 4, 5), image("imported/app", 6, 7)]  # the second: never learned
+    for policy, shared in (
+        (SharePolicy(), set()),
+        (SharePolicy(unknown=True), {d(6), d(7)}),  # unknown only: private stays private
+        (SharePolicy(registries=["registry.test:*"]), {d(4), d(5), d(6), d(7)}),
+        (SharePolicy(repositories=[f"{REG}/priv/*"]), {d(4), d(5)}),
+    ):
+        acc, _, _ = access(tmp_path / str(id(policy)), private, policy)
+        acc.update(imgs)
+        await settle()
+        keys = acc.update(imgs)
+        assert {k for k in keys if k.startswith("sha256:")} == shared, policy.__dict__
+
+
+async def test_content_that_arrived_anonymously_is_shareable_before_its_image(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    acc, _, changes = access(tmp_path, clock=clock)
+    ref = make_reference(REG, "app", d(1))
+    acc.learned(ref, Digest.parse(d(2)), "blob", "upstream")
+    assert acc.blob_ok(Digest.parse(d(2)))
+    clock.now += 101
+    assert not acc.blob_ok(Digest.parse(d(2)))  # for one refresh period
+    acc.learned(ref, Digest.parse(d(1)), "manifest", "peer")
+    assert changes == [1]
+    assert acc.update([image("app", 1, 2)]) == {d(1), d(2), f"{REG}/app:v1"}
+    # A peer's view never overrides what the registry itself answered.
+    acc.statuses.put((REG, "app", d(9)), Status.PRIVATE, "probe")
+    acc.learned(ref, Digest.parse(d(9)), "manifest", "peer")
+    assert acc.statuses.get((REG, "app", d(9))).status is Status.PRIVATE  # type: ignore[union-attr]
+    acc.learned(ref, Digest.parse(d(9)), "manifest", "upstream")  # served anonymously: proof
+    assert acc.statuses.get((REG, "app", d(9))).status is Status.PUBLIC  # type: ignore[union-attr]
+
+
+def test_image_names_split_into_registry_and_repository() -> None:
+    assert split_image_name("docker.io/library/alpine:3") == ("docker.io", "library/alpine")
+    assert split_image_name(f"{REG}/a/b@{d(1)}") == (REG, "a/b")
+    assert split_image_name("localhost:5000/app") == ("localhost:5000", "app")
+    assert split_image_name("sha256:" + "1" * 64) is None
