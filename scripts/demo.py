@@ -76,7 +76,10 @@ def main() -> int:
         print(f"    the shoals served {sum(c for c, _ in fetched)} responses "
               f"({sum(mb for _, mb in fetched):.1f} MB) fetched from upstream")  # fmt: skip
         layer = image.layers[0].digest
-        wait_until(lambda: n1.ns.ip in n2.providers(layer), 30, "node 1 advertised its layers")
+        # Node 1 advertises the image once its containerd holds it, since the registry served
+        # it to shoal without credentials: public, so shareable.
+        tag = f"{registry.host}/demo/app:v1"
+        wait_until(lambda: n1.ns.ip in n2.providers(tag), 30, "node 1 advertised the image")
 
         say("stopping the registry: from now on it cannot serve a single byte")
         registry.stop()

@@ -60,7 +60,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         a = ContainerdNode("a", base / "a").start()
         for ref in refs.values():
             a.pull(ref, via_hosts=False, plain_http=True)
-        shoal_a = ShoalDaemon(a).start()
+        # Pulled straight from a registry outside shoal's allow-list: shared by the operator's
+        # choice, as an air-gapped registry's images would be.
+        shoal_a = ShoalDaemon(a, extra_args=["--share-registries", registry.host]).start()
         yield World(base, registry, a, shoal_a, refs, built)
     finally:
         stop_all()

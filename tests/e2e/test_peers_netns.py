@@ -54,7 +54,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "large": images.large_image(72, layers=1, seed=11, name="p2p-large"),  # one 72 MiB blob
         }
         refs = {k: images.push(img, registry, f"p2p/{k}", "v1") for k, img in built.items()}
-        c = Cluster(net, base, registry, shoal_args=["--resync-interval", str(RESYNC)])
+        # Node 1 pulls straight from this registry, which is not in shoal's allow-list: shoal
+        # cannot learn whether it serves anyone, so sharing it is the operator's choice.
+        shared = ["--share-registries", registry.host]
+        c = Cluster(net, base, registry, shoal_args=["--resync-interval", str(RESYNC), *shared])
         for i in range(3):
             c.add_node(f"n{i + 1}")
         for node in c.nodes:

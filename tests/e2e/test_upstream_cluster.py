@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import images
-from tests.harness.cluster import Cluster, Node, wait_until
+from tests.harness.cluster import MIRROR, Cluster, Node, wait_until
 from tests.harness.cutproxy import CutProxy
 from tests.harness.netns import Namespace, Network
 from tests.harness.procs import stop_all
@@ -67,8 +67,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         for node in cluster.nodes:
             cluster.start_shoal(node)
             for host in (silly.host, throttled):
-                node.containerd.write_hosts_toml(host, f"http://{node.ns.ip}:30020",
-                                                 f"http://{host}")  # fmt: skip
+                node.containerd.write_hosts_toml(host, MIRROR, f"http://{host}")
         yield World(net, base, reg_ns, registry, silly, throttler, cluster)
     finally:
         if throttler is not None:

@@ -1,13 +1,15 @@
 """A simulated cluster: per node a network namespace with its own containerd and shoal.
 
-Every shoal listens on the same ports at its node's address (as in a DaemonSet), finds the
-others by static bootstrap, and its node's hosts.toml (written by `shoal configure`) sends
-pulls of the test registry to it.
+Every shoal listens on the same ports on all of its node's addresses (as in a DaemonSet with
+hostNetwork), finds the others by static bootstrap, and shares one cluster key with them. Its
+node's hosts.toml (written by `shoal configure`) sends pulls of the test registry to it over
+loopback, as the chart does: only requests from the node itself count as its containerd's.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ from tests.harness.registry import Registry
 from tests.harness.shoal import ShoalDaemon
 
 PORT, METRICS, P2P = 30020, 30021, 30022
+MIRROR = f"http://127.0.0.1:{PORT}"  # what every node's containerd uses
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
@@ -35,6 +38,27 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
     return time.monotonic() - start
 
 
+def request_from(
+    ns: Namespace, url: str, method: str = "GET", headers: dict | None = None
+) -> tuple[int, dict, bytes]:
+    """An HTTP request made from inside `ns` (redirects are not followed)."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: object, **kwargs: object) -> None:
+            return None
+
+    def call() -> tuple[int, dict, bytes]:
+        req = urllib.request.Request(url, method=method, headers=headers or {})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirect)
+        try:
+            with opener.open(req, timeout=30) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), err.read()
+
+    return ns.run(call)
+
+
 @dataclass
 class Node:
     ns: Namespace
@@ -44,19 +68,9 @@ class Node:
     def request(
         self, path: str, port: int = PORT, method: str = "GET", headers: dict | None = None
     ) -> tuple[int, dict, bytes]:
-        """An HTTP request from inside this node's namespace to its own shoal."""
-
-        def call() -> tuple[int, dict, bytes]:
-            req = urllib.request.Request(
-                f"http://{self.ns.ip}:{port}{path}", method=method, headers=headers or {}
-            )
-            try:
-                with urllib.request.urlopen(req, timeout=30) as resp:
-                    return resp.status, dict(resp.headers), resp.read()
-            except urllib.error.HTTPError as err:
-                return err.code, dict(err.headers), err.read()
-
-        return self.ns.run(call)
+        """An HTTP request from inside this node's namespace to its own shoal, over loopback
+        (as its containerd asks)."""
+        return request_from(self.ns, f"http://127.0.0.1:{port}{path}", method, headers)
 
     def providers(self, key: str) -> list[str]:
         status, _, body = self.request(f"/debug/providers?key={key}", METRICS)
@@ -81,13 +95,23 @@ class Cluster:
     shoal_args: list[str] = field(default_factory=list)
     nodes: list[Node] = field(default_factory=list)
 
+    @property
+    def key_file(self) -> Path:
+        """The cluster key every shoal of this cluster is given (made on first use)."""
+        path = self.base / "cluster.key"
+        if not path.exists():
+            self.base.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(48))
+            path.chmod(0o600)
+        return path
+
     def add_node(self, name: str) -> Node:
         ns = self.net.add(name)
         cd = ContainerdNode(name, self.base / name, netns=ns.name).start()
         reg = self.registry.host
         subprocess.run(
             [sys.executable, "-m", "shoal.cli", "configure", "--hosts-dir", str(cd.hosts_dir),
-             "--mirror", f"http://{ns.ip}:{PORT}", "--registry", f"{reg}=http://{reg}"],
+             "--mirror", MIRROR, "--registry", f"{reg}=http://{reg}"],
             check=True,
         )  # fmt: skip
         node = Node(ns, cd)
@@ -98,9 +122,10 @@ class Cluster:
         others = [n.ns.ip for n in self.nodes if n is not node]
         peers = ",".join(f"/ip4/{ip}/tcp/{P2P}" for ip in others)
         node.shoal = ShoalDaemon(
-            node.containerd, host=node.ns.ip, port=PORT, metrics_port=METRICS, p2p_port=P2P,
+            node.containerd, host=node.ns.ip, bind="0.0.0.0", port=PORT, metrics_port=METRICS,
+            p2p_port=P2P,
             extra_args=["--bootstrap", "static", "--bootstrap-peers", peers,
-                        *self.shoal_args, *extra],
+                        "--cluster-key-file", str(self.key_file), *self.shoal_args, *extra],
         ).start()  # fmt: skip
         return node.shoal
 

@@ -214,6 +214,7 @@ disabled_plugins = [{disabled}]
         plain_http: bool = False,
         platform: str | None = None,
         all_platforms: bool = False,
+        user: str | None = None,
         check: bool = True,
         timeout: float = 300,
     ) -> subprocess.CompletedProcess[str]:
@@ -222,7 +223,8 @@ disabled_plugins = [{disabled}]
         via_hosts: resolve through `hosts_dir` (what CRI does). With hosts.toml for the ref's
         host, its entries decide scheme and order; without one, ctr 1.6 falls back to the host
         itself over HTTPS unless `plain_http` (then HTTP). `plain_http` alone pulls straight
-        from a plain-HTTP registry.
+        from a plain-HTTP registry. `user` (`name:password`): ctr answers registries' Basic and
+        Bearer challenges with it (`ctr --user`).
         """
         args = ["images", "pull"]
         if via_hosts:
@@ -233,6 +235,8 @@ disabled_plugins = [{disabled}]
             args += ["--platform", platform]
         if all_platforms:
             args.append("--all-platforms")
+        if user is not None:
+            args += ["--user", user]
         if self.snapshotter != "overlayfs":
             args += ["--snapshotter", self.snapshotter]
         return self.ctr(*args, ref, check=check, timeout=timeout)

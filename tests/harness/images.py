@@ -355,10 +355,12 @@ def push(
     *,
     workdir: Path | None = None,
     verify: bool = True,
+    creds: str | None = None,
     timeout: float = 300,
 ) -> str:
     """Push with skopeo to `registry` (a `Registry` or "host:port"); returns the reference
-    `host:port/repo:tag`. Raises if the registry's digest differs from the built one."""
+    `host:port/repo:tag`. Raises if the registry's digest differs from the built one.
+    `creds`: `user:password` for a registry that wants them."""
     host = registry if isinstance(registry, str) else registry.host
     tmp = Path(tempfile.mkdtemp(prefix="shoal-oci-", dir=workdir))
     try:
@@ -376,6 +378,8 @@ def push(
         ]
         if isinstance(image, Index):
             cmd.append("--all")
+        if creds is not None:
+            cmd += ["--dest-creds", creds]
         cmd += [src, f"docker://{host}/{repo}:{tag}"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:

@@ -12,6 +12,7 @@ lines report the size the handler meant to write, not bytes on the wire.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import threading
@@ -137,7 +138,8 @@ class Registry:
     port: int | None = None
     netns: str | None = None
     storage_dir: Path | None = None
-    auth: str | None = None  # "silly": Bearer challenges, any token accepted
+    auth: str | None = None  # "silly": Bearer challenges, any token accepted; "htpasswd": Basic
+    users: dict[str, str] | None = None  # with "htpasswd": user -> password
     realm: str | None = None  # token endpoint for auth; default: a built-in TokenServer
     proxy_remoteurl: str | None = None  # pull-through cache of this upstream
     name: str = "registry"
@@ -182,11 +184,27 @@ class Registry:
                 self.token_server = TokenServer(self.host_ip, self.netns)
             realm = self.realm or self.token_server.realm  # type: ignore[union-attr]
             cfg["auth"] = {"silly": {"realm": realm, "service": "shoal-test-registry"}}
+        elif self.auth == "htpasswd":
+            cfg["auth"] = {"htpasswd": {"realm": "shoal-test", "path": str(self._htpasswd())}}
         elif self.auth is not None:
             raise ValueError(f"unsupported auth {self.auth!r}")
         if self.proxy_remoteurl:
             cfg["proxy"] = {"remoteurl": self.proxy_remoteurl}
         return cfg
+
+    def _htpasswd(self) -> Path:
+        """distribution accepts bcrypt entries only."""
+        import bcrypt
+
+        if not self.users:
+            raise ValueError("htpasswd auth needs users")
+        path = self.base_dir / "htpasswd"
+        lines = [
+            f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=5)).decode()}"
+            for user, pw in self.users.items()
+        ]
+        path.write_text("\n".join(lines) + "\n")
+        return path
 
     def start(self, timeout: float = 15) -> Registry:
         """Start (or restart on the same port after `stop()`); an auto-picked port that a
@@ -307,6 +325,10 @@ class Registry:
 
     def manifest_digest(self, repo: str, reference: str) -> str | None:
         """Docker-Content-Digest of a HEAD on the manifest (any manifest type), or None."""
+        if self.auth == "htpasswd":
+            user, password = next(iter((self.users or {}).items()))
+            basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+            return manifest_digest(self.url, repo, reference, authorization=f"Basic {basic}")
         return manifest_digest(self.url, repo, reference, token="x" if self.auth else None)
 
 
@@ -321,12 +343,19 @@ _ALL_MANIFEST_TYPES = ", ".join(
 
 
 def manifest_digest(
-    base_url: str, repo: str, reference: str, *, token: str | None = None
+    base_url: str,
+    repo: str,
+    reference: str,
+    *,
+    token: str | None = None,
+    authorization: str | None = None,
 ) -> str | None:
     """Docker-Content-Digest of `HEAD base_url/v2/repo/manifests/reference`, or None."""
     headers = {"Accept": _ALL_MANIFEST_TYPES}
     if token:
         headers["Authorization"] = f"Bearer {token}"
+    if authorization:
+        headers["Authorization"] = authorization
     status, hdrs, _ = http_request(
         f"{base_url}/v2/{repo}/manifests/{reference}", method="HEAD", headers=headers
     )

@@ -14,13 +14,15 @@ SHOAL = [sys.executable, "-m", "shoal.cli"]
 
 
 class ShoalDaemon:
-    """`shoal run` for one node: its containerd, its own ports, optionally inside its netns."""
+    """`shoal run` for one node: its containerd, its own ports, optionally inside its netns.
+    `host` is its address; `bind` (default `host`) where the registry and metrics listen."""
 
     def __init__(
         self,
         node: ContainerdNode,
         *,
         host: str = "127.0.0.1",
+        bind: str | None = None,
         port: int | None = None,
         metrics_port: int | None = None,
         p2p_port: int | None = None,
@@ -28,6 +30,7 @@ class ShoalDaemon:
     ) -> None:
         self.node = node
         self.host = host
+        self.bind = bind or host
         self.port = port or free_port(host, node.netns)
         self.metrics_port = metrics_port or free_port(host, node.netns)
         self.p2p_port = p2p_port or free_port(host, node.netns)
@@ -50,8 +53,8 @@ class ShoalDaemon:
             "run",
             "--containerd-socket", str(self.node.socket),
             "--containerd-namespace", self.node.namespace,
-            "--listen", f"{self.host}:{self.port}",
-            "--metrics-listen", f"{self.host}:{self.metrics_port}",
+            "--listen", f"{self.bind}:{self.port}",
+            "--metrics-listen", f"{self.bind}:{self.metrics_port}",
             "--p2p-listen", f"{self.host}:{self.p2p_port}",
             "--p2p-announce", self.host,
             "--data-dir", str(self.data_dir),
