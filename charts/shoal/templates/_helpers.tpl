@@ -110,6 +110,25 @@ app.kubernetes.io/name={{ include "shoal.name" . }},app.kubernetes.io/instance={
 {{- printf "%s:%d" $host (int .port) }}
 {{- end }}
 
+{{/* The Secret holding the cluster key: the user's, or the one the chart creates. */}}
+{{- define "shoal.clusterKeySecretName" -}}
+{{- if .Values.clusterKey.existingSecret }}
+{{- .Values.clusterKey.existingSecret }}
+{{- else }}
+{{- printf "%s-cluster-key" (include "shoal.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/* Addresses counted as the node's containerd besides loopback: as given, else the node IP
+when containerd reaches shoal through a host port (it then connects from the node's address). */}}
+{{- define "shoal.localAddresses" -}}
+{{- if .Values.localAddresses }}
+{{- join "," .Values.localAddresses }}
+{{- else if not .Values.hostNetwork }}
+{{- "$(NODE_IP)" }}
+{{- end }}
+{{- end }}
+
 {{- define "shoal.headlessServiceName" -}}
 {{- printf "%s-peers" (include "shoal.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -177,5 +196,18 @@ app.kubernetes.io/name={{ include "shoal.name" . }},app.kubernetes.io/instance={
 {{- if $v.p2p.psk.secretName }}
 {{- $args = append $args "--p2p-psk=/etc/shoal/p2p/psk" }}
 {{- end }}
+{{- $args = append $args "--cluster-key-file=/etc/shoal/cluster/key" }}
+{{- with include "shoal.localAddresses" . }}
+{{- $args = append $args (printf "--local-addresses=%s" .) }}
+{{- end }}
+{{- with $v.sharing.registries }}
+{{- $args = append $args (printf "--share-registries=%s" (join "," .)) }}
+{{- end }}
+{{- with $v.sharing.repositories }}
+{{- $args = append $args (printf "--share-repositories=%s" (join "," .)) }}
+{{- end }}
+{{- $args = concat $args (list
+    (printf "--share-unknown=%t" $v.sharing.unknown)
+    (printf "--status-refresh=%d" (int $v.sharing.refreshSeconds))) }}
 {{- toYaml (concat $args $v.extraArgs) }}
 {{- end }}

@@ -58,6 +58,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "credentials": {"secretName": "pull-creds", "key": ".dockerconfigjson"},
         },
         "p2p": {"psk": {"secretName": "shoal-psk", "key": "swarm.key"}},
+        "sharing": {
+            "registries": ["registry.internal:5000"],
+            "repositories": ["docker.io/acme/*"],
+            "unknown": True,
+            "refreshSeconds": 600,
+        },
         "extraArgs": ["--spool-max-bytes=1073741824", "--resync-interval", "30"],
         "extraEnv": [{"name": "SHOAL_CONTAINERD_NAMESPACE", "value": "k8s.io"}],
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
@@ -96,6 +102,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "serviceAccount": {"create": False, "name": "existing"},
         "rbac": {"create": False},
         "containerd": {"contentDir": ""},
+        "clusterKey": {"existingSecret": "our-cluster-key", "key": "secret"},
     },
 }
 
