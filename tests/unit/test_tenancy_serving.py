@@ -13,7 +13,7 @@ from shoal import metrics
 from shoal.content.model import Blob, ContentKind, Descriptor, SourceKind
 from shoal.oci import mediatypes as mt
 from shoal.oci.digest import Digest
-from shoal.oci.names import Reference
+from shoal.oci.names import Reference, make_reference
 from shoal.registry.app import make_app
 from shoal.registry.transfer import PeerTransfer
 from shoal.routing import Peer
@@ -22,7 +22,7 @@ from shoal.sources.peers import PeerSettings, PeerSource
 from shoal.tenancy.access import Access, HeldImage
 from shoal.tenancy.admission import Admission
 from shoal.tenancy.credentialed import CredentialedUpstream
-from shoal.tenancy.gate import AnonymousUpstream, gated_chain
+from shoal.tenancy.gate import AnonymousUpstream, Withheld, gated_chain
 from shoal.tenancy.keys import ClusterKey
 from shoal.tenancy.policy import SharePolicy
 from shoal.tenancy.refusals import Refusals
@@ -163,6 +163,11 @@ async def test_peers_get_public_content_and_nothing_private(tmp_path: Path) -> N
             assert status == 404
         status, _ = await get(a.url(f"/v2/team/app/manifests/{public['mdig']}?ns={NS}"))
         assert status == 200
+        # What a tag means is not told either (no step of any request learns the digest).
+        for to_peers in (True, False):
+            gate = Withheld(LocalSource(a.store), a.access, Refusals(), to_peers=to_peers)
+            assert await gate.resolve(make_reference(NS, "secret/app", "v1")) is None
+            assert await gate.resolve(make_reference(NS, "team/app", "v1")) is not None
     finally:
         await a.close()
         await b.close()

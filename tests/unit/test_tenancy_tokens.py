@@ -75,6 +75,8 @@ def test_capabilities_of_another_key_or_use_do_not_pass() -> None:
     # A peer signature's MAC under the request key is no capability.
     forged = f"{int(NOW + 30)}.{sign(KEY.peer_requests, cap_target(), 'holder', NOW).split()[3]}"
     assert refusal(check_capability, KEY.capabilities, forged, "holder", cap_target(), NOW)
+    # Each use has a key of its own, none of them the secret itself.
+    assert len({KEY.peer_requests, KEY.capabilities, bytes.fromhex(KEY.p2p_psk())}) == 3
 
 
 def test_a_capability_expiring_too_far_ahead_is_refused() -> None:
@@ -131,4 +133,3 @@ def test_a_short_cluster_key_is_rejected() -> None:
     with pytest.raises(ValueError):
         ClusterKey(b"short")
     assert len(KEY.p2p_psk()) == 64 and KEY.p2p_psk() != ClusterKey(b"x" * 40).p2p_psk()
-    assert len({KEY.peer_requests, KEY.capabilities, bytes.fromhex(KEY.p2p_psk())}) == 3
