@@ -204,6 +204,7 @@ class Daemon:
             refused=self.refusals,
             tags=TagPolicy(self.settings.tag_policy, upstream),
             private=self.credentialed,
+            denied=upstream.denied,
         )
         # The registry first: bootstrap of other nodes asks it for this node's peer ID.
         app = make_app(

@@ -19,6 +19,7 @@ from shoal.registry.transfer import PeerTransfer
 from shoal.routing import Peer
 from shoal.sources.local import LocalSource
 from shoal.sources.peers import PeerSettings, PeerSource
+from shoal.sources.tags import TagPolicy
 from shoal.tenancy.access import Access, HeldImage
 from shoal.tenancy.admission import Admission
 from shoal.tenancy.credentialed import CredentialedUpstream
@@ -33,7 +34,7 @@ from tests.fakes.images import LAYER, NS, build_image
 from tests.fakes.registries import FakeRegistry, Servers
 from tests.fakes.router import MemoryNetwork, MemoryRouter
 from tests.fakes.store import MemoryStore
-from tests.fakes.upstream import add_image, source, write_config
+from tests.fakes.upstream import Clock, add_image, source, write_config
 
 KEY = ClusterKey(b"the serving tests' cluster key, long enough")
 SECRET = bytes(range(255, -1, -1)) * 4096  # the private image's layer
@@ -84,6 +85,7 @@ class Node:
         self,
         fetch_for_peers: AnonymousUpstream | None = None,
         private: CredentialedUpstream | None = None,
+        tags: TagPolicy | None = None,
     ) -> Node:
         router = MemoryRouter(self.net, Peer(self.name, "127.0.0.1:0"))
         self.peers = PeerSource(router, PeerSettings(header_timeout=2.0), signer=self.signer)
@@ -91,11 +93,13 @@ class Node:
             local=LocalSource(self.store),
             inflight=Nothing(),
             peers=self.peers,
-            fetch_for_containerd=Nothing(),
+            fetch_for_containerd=fetch_for_peers or Nothing(),
             fetch_for_peers=fetch_for_peers or Nothing(),
             access=self.access,
             refused=Refusals(),
+            tags=tags,
             private=private,
+            denied=None if fetch_for_peers is None else fetch_for_peers.denied,
         )
         admission = Admission(KEY, lambda: self.name)
         app = make_app(chain, transfer=PeerTransfer(redirect=False), admission=admission)
@@ -208,4 +212,36 @@ async def test_credentials_serve_this_nodes_containerd_only(
         await a.close()
         await b.close()
         await anonymous.close()
+        await credentialed.close()
+
+
+async def test_a_repository_refused_to_anonymous_clients_is_not_asked_again_at_once(
+    tmp_path: Path, servers: Servers
+) -> None:
+    """After the registry refused to tell a tag anonymously, the image's blobs cost no
+    anonymous attempt each: the cluster's fetch steps aside for a while."""
+    registry: FakeRegistry = await servers.registry(auth="basic", users={"alice": "pw"})
+    image = add_image(registry)
+    creds = write_config(tmp_path / "config.json", {registry.host: {"username": "alice",
+                                                                    "password": "pw"}})  # fmt: skip
+    node = Node("a", MemoryNetwork(), tmp_path)
+    clock = Clock()
+    anonymous = AnonymousUpstream(source(registry), node.access, clock)
+    credentialed = CredentialedUpstream(source(registry, credentials=creds))
+    try:
+        await node.start(anonymous, credentialed, tags=TagPolicy("upstream-first", anonymous))
+        status, body = await get(node.url(f"/v2/team/app/manifests/v1?ns={registry.host}"))
+        assert status == 200 and body == image.manifest
+        blob = f"/v2/team/app/blobs/{image.layer_digest}?ns={registry.host}"
+        status, body = await get(node.url(blob))
+        assert status == 200 and body == image.layer
+        anonymous_blobs = [s for s in registry.seen if "/blobs/" in s.path and not s.authorization]
+        assert anonymous_blobs == []
+        clock.now += 61  # then it asks again, in case the repository turned public
+        ref = make_reference(registry.host, "team/app", str(image.layer_digest))
+        assert await anonymous.find(ref, image.layer_digest, "blob") is None
+        assert [s for s in registry.seen if "/blobs/" in s.path and not s.authorization]
+    finally:
+        await node.close()
+        await anonymous.upstream.close()
         await credentialed.close()
