@@ -89,7 +89,9 @@ def main() -> int:
         ref = images.push(image, registry, "bench/big", "v1")
         node = ContainerdNode("bench", base / "node").start()
         node.pull(ref, via_hosts=False, plain_http=True)
-        shoal = ShoalDaemon(node, extra_args=["--log-level", "warning"]).start()
+        # Pulled straight from a registry outside shoal's allow-list: shared by choice.
+        args_ = ["--log-level", "warning", "--share-registries", registry.host]
+        shoal = ShoalDaemon(node, extra_args=args_).start()
         layer = image.layers[0]
         servers = {
             "registry": (registry.url, registry.host_ip, registry.port, ""),
