@@ -57,6 +57,7 @@ class ContainerdNode:
 
     `runtime`: the containerd version (default: the run's, runtime.selected()). `local_pull`
     (2.1+): CRI pulls without the transfer service (`use_local_image_pull = true`).
+    `cri_config_path`: the CRI's registry `config_path` (default: `hosts_dir`).
     """
 
     namespace = "k8s.io"
@@ -71,6 +72,7 @@ class ContainerdNode:
         log_level: str = "info",
         runtime: Runtime | None = None,
         local_pull: bool = False,
+        cri_config_path: str | None = None,
     ) -> None:
         self.name = name
         self.base_dir = Path(base_dir)
@@ -86,6 +88,7 @@ class ContainerdNode:
         self.config_path = self.base_dir / "config.toml"
         self.log_path = self.base_dir / "containerd.log"
         self.content_root = self.root / "io.containerd.content.v1.content"
+        self.cri_config_path = cri_config_path or str(self.hosts_dir)
         self._sock_dir: Path | None = None
         sock = self.base_dir / "sock" / "containerd.sock"
         if len(str(sock)) > _MAX_SOCKET_PATH - 6:
@@ -104,7 +107,7 @@ class ContainerdNode:
         return self.runtime.config(
             root=self.root, state=self.state, socket=self.socket, log_level=self.log_level,
             opt_dir=self.base_dir / "opt", snapshotter=self.snapshotter,
-            hosts_dir=self.hosts_dir, cni_bin=cni_bin, cni_dir=self.cni_dir,
+            config_path=self.cri_config_path, cni_bin=cni_bin, cni_dir=self.cni_dir,
             local_pull=self.local_pull,
         )  # fmt: skip
 
@@ -300,4 +303,4 @@ class ContainerdNode:
 
     def __repr__(self) -> str:
         where = f" netns={self.netns}" if self.netns else ""
-        return f"<ContainerdNode {self.name}{where} {self.socket}>"
+        return f"<ContainerdNode {self.name} {self.runtime.version}{where} {self.socket}>"

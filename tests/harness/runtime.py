@@ -114,13 +114,14 @@ class Runtime:
         log_level: str,
         opt_dir: Path,
         snapshotter: str,
-        hosts_dir: Path,
+        config_path: str,
         cni_bin: str,
         cni_dir: Path,
         local_pull: bool = False,
     ) -> str:
         """config.toml for a private daemon in this version's native format.
 
+        `config_path`: the CRI's hosts directory (a `:`-separated list is passed as is).
         `local_pull` (2.1+): CRI pulls with the client-side pull of 1.x instead of the
         transfer service (`use_local_image_pull`).
         """
@@ -157,7 +158,7 @@ class Runtime:
                 f"  snapshotter = {_q(snapshotter)}",
                 *(["  use_local_image_pull = true"] if local_pull else []),
                 f"{images[:-1]}.registry]",
-                f"  config_path = {_q(str(hosts_dir))}",
+                f"  config_path = {_q(config_path)}",
                 '[plugins."io.containerd.cri.v1.runtime".cni]',
                 f"  bin_dirs = [{_q(cni_bin)}]",
                 f"  conf_dir = {_q(str(cni_dir))}",
@@ -169,7 +170,7 @@ class Runtime:
                 '[plugins."io.containerd.grpc.v1.cri".containerd]',
                 f"  snapshotter = {_q(snapshotter)}",
                 '[plugins."io.containerd.grpc.v1.cri".registry]',
-                f"  config_path = {_q(str(hosts_dir))}",
+                f"  config_path = {_q(config_path)}",
                 '[plugins."io.containerd.grpc.v1.cri".cni]',
                 f"  bin_dir = {_q(cni_bin)}",
                 f"  conf_dir = {_q(str(cni_dir))}",
