@@ -151,6 +151,21 @@ async def test_open_blob_falls_back_to_grpc(store: tuple[Path, str, bytes]) -> N
     assert unreadable.blob_path("sha256:" + "b" * 64) is None
 
 
+async def test_content_directory_created_after_connect_is_read_from_disk(
+    store: tuple[Path, str, bytes],
+) -> None:
+    """containerd 1.7+ creates the content directory at its first write: a client that found
+    none at connect reads blobs from disk once it exists, without reconnecting."""
+    built, digest, data = store
+    root = built.parent / "later"
+    client = ContainerdClient("/nonexistent.sock", content_root=str(root))
+    assert await client.content_root() == str(root)
+    assert client.blob_path(digest) is None  # not there yet: over gRPC
+    built.rename(root)
+    assert client.blob_path(digest) == str(root / "blobs" / "sha256" / digest[7:])
+    assert b"".join(await collect(client.open_blob(digest))) == data  # never connected
+
+
 async def test_digests_are_validated_before_touching_paths(
     store: tuple[Path, str, bytes],
 ) -> None:
