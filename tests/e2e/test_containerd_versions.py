@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import images
-from tests.harness.containerd import ContainerdNode
+from tests.harness.containerd import ContainerdNode, hosts_toml
 from tests.harness.cri import cri_pull
 from tests.harness.registry import Registry
 from tests.harness.runtime import selected
@@ -124,3 +124,40 @@ def test_cri_pull_is_served_by_shoal(node_factory: NodeFactory, tmp: Path, pull:
         assert b.read_blob(digest) == a.read_blob(digest)
     assert local_blobs_served(shoal) - before >= 1 + len(image.layers)  # config and layers
     expect_cri_path(b, local)
+
+
+@pytest.mark.parametrize("pull", PULL_MODES)
+def test_hosts_dir_list_is_configured_in_its_first_directory(
+    node_factory: NodeFactory, tmp: Path, pull: str
+) -> None:
+    """config_path `first:second`, as EKS ships it. `shoal configure --hosts-dir first:second`
+    writes `first`, where containerd looks first, and `cleanup` restores it; `second` is never
+    touched. The local pull reads the list; 2.x's transfer service takes it for one directory
+    that does not exist, so its pulls skip every mirror (documented in the chart README)."""
+    local = cri_mode(pull)
+    registry = Registry(tmp / "registry").start()
+    image = images.oci_image("hosts-list")
+    ref, _, shoal = serving_node(node_factory, registry, image, "list/app")
+    first, second = tmp / "certs.d", tmp / "docker-certs.d"
+    (second / registry.host).mkdir(parents=True)
+    theirs = hosts_toml(None, f"http://{registry.host}")
+    (second / registry.host / "hosts.toml").write_text(theirs)
+    listed = f"{first}:{second}"
+    b = node_factory("b", local_pull=local, cri_config_path=listed)
+    shoal_cli("configure", "--hosts-dir", listed, "--mirror", shoal.url,
+              "--registry", f"{registry.host}=http://{registry.host}")  # fmt: skip
+    assert shoal.url in (first / registry.host / "hosts.toml").read_text()
+    before, mark = local_blobs_served(shoal), registry.mark()
+    cri_pull(b.socket, ref, timeout=120)
+    assert b.images()[ref] == image.digest
+    served = local_blobs_served(shoal) - before
+    from_registry = [r for r in registry.settle()[mark:] if "/blobs/" in r.path]
+    if pull == "local-pull":
+        assert served >= 1 + len(image.layers)
+        assert from_registry == []
+    else:
+        assert served == 0, "the transfer service read a config_path list"
+        assert from_registry
+    shoal_cli("cleanup", "--hosts-dir", listed)
+    assert not first.exists()  # configure created it
+    assert (second / registry.host / "hosts.toml").read_text() == theirs
