@@ -15,14 +15,18 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.harness import images
+from tests.harness.cluster import Cluster
 from tests.harness.containerd import ContainerdNode, hosts_toml
 from tests.harness.cri import cri_pull
+from tests.harness.netns import Network
 from tests.harness.registry import Registry
 from tests.harness.runtime import selected
 from tests.harness.shoal import ShoalDaemon
@@ -161,3 +165,57 @@ def test_hosts_dir_list_is_configured_in_its_first_directory(
     shoal_cli("cleanup", "--hosts-dir", listed)
     assert not first.exists()  # configure created it
     assert (second / registry.host / "hosts.toml").read_text() == theirs
+
+
+@pytest.mark.netns
+def test_committed_layer_is_found_by_a_peer_while_the_pull_goes_on(
+    network: Network, tmp: Path
+) -> None:
+    """Node A pulls a 4-layer image over a slow registry link, through its shoal, which misses
+    (the registry is not one it fetches from), so containerd downloads every layer itself.
+    No periodic resync runs. A layer A has committed is found by node B's lookup within 1 s of
+    the commit, before A's pull ends: shoal follows containerd's /content/create."""
+    rt = selected()
+    if not rt.content_events:
+        pytest.skip(
+            f"containerd {rt.version} publishes no /content/create: a pulled layer is advertised "
+            "once its image exists or at the next resync"
+        )
+    reg_ns = network.add("reg")
+    registry = Registry(tmp / "registry", host_ip=reg_ns.ip, netns=reg_ns.name).start()
+    mib = 1024 * 1024
+    image = images.layered_image([mib, 12 * mib, 12 * mib, 12 * mib], seed=5, name="events")
+    ref = images.push(image, registry, "events/app", "v1")
+    reg_ns.limit("100mbit")  # ~4 s for the image: the small layer lands long before the end
+    cluster = Cluster(network, tmp, registry, shoal_args=["--resync-interval", "3600"])
+    a, b = cluster.add_node("a"), cluster.add_node("b")
+    for node in (a, b):
+        cluster.start_shoal(node)
+    cluster.wait_connected()
+
+    result: dict[str, subprocess.CompletedProcess[str]] = {}
+    puller = threading.Thread(target=lambda: result.update(r=a.containerd.pull(ref)))
+    layers = [layer.digest for layer in image.layers]
+    committed: dict[str, float] = {}
+    found: dict[str, float] = {}
+    puller.start()
+    while puller.is_alive():
+        for digest in layers:
+            if digest not in committed and a.containerd.has_blob(digest):
+                # Its last byte was written just before the commit: the mtime bounds it.
+                committed[digest] = a.containerd.blob_path(digest).stat().st_mtime
+        for digest in list(committed):
+            if digest not in found and a.ns.ip in b.providers(digest):
+                found[digest] = time.time()
+        time.sleep(0.05)
+    ended = time.time()
+    puller.join()
+    assert result["r"].returncode == 0
+    first = min(committed, key=committed.__getitem__)
+    assert first in found and found[first] < ended, (
+        f"layer {first} was committed {ended - committed[first]:.1f}s before the pull ended, "
+        "but node B's lookup did not find node A"
+    )
+    delay = found[first] - committed[first]
+    print(f"node B found the first committed layer {delay:.2f}s after the commit")
+    assert delay <= 1.0

@@ -76,6 +76,18 @@ def test_decode_content_delete_and_prefixed_type_url() -> None:
     assert event.digest == digest and event.image is None
 
 
+def test_decode_content_create() -> None:
+    digest = "sha256:" + "c" * 64
+    event = decode_event(
+        envelope(
+            "containerd.events.ContentCreate",
+            content_events_pb2.ContentCreate(digest=digest, size=1234),
+            "/content/create",
+        )
+    )
+    assert (event.topic, event.digest, event.image) == ("/content/create", digest, None)
+
+
 def test_decode_unknown_event_keeps_payload() -> None:
     payload = images_pb2.ImageDelete(name="ignored")
     event = decode_event(envelope("containerd.events.TaskExit", payload, "/tasks/exit"))

@@ -61,8 +61,14 @@ MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 DISK_CHUNK = 256 * 1024
 WRITE_CHUNK = 1024 * 1024
 LEASE_EXPIRE_LABEL = "containerd.io/gc.expire"
-# Topics containerd 1.6 publishes that change what a node can serve.
-DEFAULT_EVENT_FILTERS = ('topic~="^/images/"', 'topic=="/content/delete"')
+# Topics that change what a node can serve. /content/create (a blob committed) exists from
+# containerd 2.1; older versions simply never match it.
+CONTENT_CREATE = "/content/create"
+DEFAULT_EVENT_FILTERS = (
+    'topic~="^/images/"',
+    'topic=="/content/delete"',
+    'topic=="/content/create"',
+)
 
 _EVENT_TYPES: dict[str, Any] = {
     cls.DESCRIPTOR.full_name: cls
@@ -70,6 +76,7 @@ _EVENT_TYPES: dict[str, Any] = {
         images_pb2.ImageCreate,
         images_pb2.ImageUpdate,
         images_pb2.ImageDelete,
+        content_events_pb2.ContentCreate,
         content_events_pb2.ContentDelete,
     )
 }
@@ -102,7 +109,7 @@ def decode_event(envelope: events_pb2.Envelope) -> Event:
     except DecodeError:
         msg = None  # left undecoded rather than breaking the stream
     if msg is not None:
-        if isinstance(msg, content_events_pb2.ContentDelete):
+        if isinstance(msg, content_events_pb2.ContentCreate | content_events_pb2.ContentDelete):
             fields["digest"] = msg.digest
         else:
             fields["image"] = msg.name
@@ -507,9 +514,9 @@ class ContainerdClient:
     async def subscribe(self, filters: Sequence[str] | None = None) -> AsyncIterator[Event]:
         """Events of this namespace, as they happen (none are replayed).
 
-        Default filters: image create/update/delete and content delete. Pass containerd filter
-        expressions (OR-ed) to choose others; `[""]` means every topic. Raises ContainerdError
-        when the stream breaks.
+        Default filters: image create/update/delete, content create (2.1+) and delete. Pass
+        containerd filter expressions (OR-ed) to choose others; `[""]` means every topic.
+        Raises ContainerdError when the stream breaks.
         """
         call = self._subscription(filters)
         async for event in self._events_of(call):
