@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ENV", "PRIMARY", "VERSIONS", "Runtime", "selected"]
+__all__ = ["ENV", "PRIMARY", "VERSIONS", "Runtime", "choose", "selected"]
 
 ENV = "SHOAL_CONTAINERD"
 VERSIONS = ("2.3.7", "2.1.9", "1.7.24", "1.6.20")
@@ -185,3 +185,14 @@ def selected() -> Runtime:
     if version not in VERSIONS:
         raise ValueError(f"{ENV}={version!r}: choose one of {', '.join(VERSIONS)}")
     return Runtime(version, _cache() / version / "bin", explicit=bool(wanted))
+
+
+def choose(version: str | None) -> Runtime:
+    """Makes `version` (if given) the run's containerd, for scripts outside pytest (benches);
+    raises SystemExit when it is not prepared."""
+    if version:
+        os.environ[ENV] = version
+    rt = selected()
+    if not rt.available():
+        raise SystemExit(rt.missing_reason())
+    return rt
