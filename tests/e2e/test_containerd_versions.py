@@ -1,7 +1,7 @@
 """Where containerd versions differ, run on the run's version (SHOAL_CONTAINERD).
 
-- 1.7 to 2.2 create the content directory only at their first write (1.6 and 2.3 at boot): a
-  shoal started before that write must still read blobs from disk once the directory exists.
+- 1.7.24 and 2.1.9 create the content directory only at their first write (1.6.20 and 2.3.7 at
+  boot): a shoal started before that write must still read blobs from disk once it exists.
 - CRI PullImage (the kubelet's pull) through shoal: 2.1+ pull through the transfer service by
   default, `use_local_image_pull = true` brings back the client-side pull 1.x always does.
 - 2.1+ publish /content/create: a layer is advertised when containerd commits it, while the

@@ -261,10 +261,10 @@ class ContainerdClient:
     def _disk_readable(self) -> bool:
         """Whether blob files can be read from the content directory.
 
-        Never remembered as "no": containerd 1.7+ creates the directory only at its first
-        write, long after shoal connected. Until it is readable, every use asks again; one
-        access() costs far less than the gRPC call it may save. `blobs/` itself appears only
-        with the first blob, so the root is checked.
+        Never remembered as "no": containerd 1.7 and 2.1 create the directory only at their
+        first write, which may come long after shoal connected. Until it is readable, every
+        use asks again; one access() costs far less than the gRPC call it may save. `blobs/`
+        itself appears only with the first blob, so the root is checked.
         """
         if not self._disk_ok and self._root is not None:
             self._disk_ok = os.access(self._root, os.R_OK | os.X_OK)
