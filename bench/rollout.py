@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python bench/rollout.py [--mib 128] [--nodes 8] [--rate 200mbit] [--client cri]
         [--peer-transfer redirect] [--warm-gib 4] [--shoal-arg=--ordered-streams=0 ...]
+        [--containerd 2.3.7]      (or SHOAL_CONTAINERD=<version>; see tests/harness/runtime.py)
 
 Four runs in one go, each on fresh containerd stores, printed side by side:
 - direct:       every node fetches straight from the registry (no shoal);
@@ -43,6 +44,7 @@ from tests.harness.cri import cri_pull
 from tests.harness.netns import Network
 from tests.harness.procs import HarnessError, stop_all
 from tests.harness.registry import Registry
+from tests.harness.runtime import ENV, PRIMARY, VERSIONS, choose
 
 
 def cpu_seconds(pid: int) -> float:
@@ -113,7 +115,13 @@ def main() -> int:
         "--shoal-arg", action="append", default=[],
         help="extra `shoal run` argument, e.g. --shoal-arg=--ordered-streams=0",
     )  # fmt: skip
+    parser.add_argument(
+        "--containerd", choices=VERSIONS, default=None,
+        help=f"containerd version (default ${ENV}, else {PRIMARY})",
+    )  # fmt: skip
     args = parser.parse_args()
+    runtime = choose(args.containerd)
+    print(f"containerd {runtime.version} ({runtime.bin_dir})")
 
     base = Path(tempfile.mkdtemp(prefix="shoal-rollout-"))
     net = Network("rollout").create()

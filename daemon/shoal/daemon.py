@@ -141,6 +141,7 @@ class Daemon:
             settings.resync_interval,
             read_keys=self._shareable_keys,
             state_file=Path(settings.data_dir) / "advertised.json",
+            shareable=self.access.blob_ok,
         )
         self.store = ContainerdStore(self.client)
         self.spool = Spool(

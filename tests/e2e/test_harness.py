@@ -18,7 +18,7 @@ from tests.harness.netns import Network, cleanup_leftovers
 from tests.harness.registry import Registry, http_request
 from tests.harness.upstream import Upstream
 
-from .conftest import NodeFactory, node_pool, require_binaries
+from .conftest import NodeFactory, node_pool, require_containerd
 
 
 def _gone(pid: int) -> bool:
@@ -187,7 +187,7 @@ def test_containerd_stop_and_restart(node_factory: NodeFactory, registry: Upstre
 
 
 def test_long_base_dir_gets_short_socket(tmp: Path) -> None:
-    require_binaries("containerd", "ctr")
+    require_containerd()
     deep = tmp / ("d" * 60) / ("e" * 60)
     with ContainerdNode("deep", deep) as node:
         assert len(str(node.socket)) < 100

@@ -189,7 +189,7 @@ class Access:
     def manifest_ok(self, registry: str, repository: str, digest: Digest) -> bool:
         return (registry, repository, str(digest)) in self._view.manifests
 
-    def blob_ok(self, digest: Digest) -> bool:
+    def blob_ok(self, digest: Digest | str) -> bool:
         text = str(digest)
         if text in self._view.blobs:
             return True
