@@ -11,9 +11,8 @@ containerd 2.1+ publish /content/create when a blob is committed. Its digest is 
 once (debounced), before any image names it: during a rollout, the layers a node has finished
 are what the others can fetch from it while its pull goes on, and a committed blob is served
 like any other (shoal serves content by digest, whatever image it belongs to) when it may be
-shared: the daemon's `shareable` passes blobs that reached the node anonymously
-(`shoal.tenancy.access`). Such digests stay advertised while containerd holds them; full
-rebuilds check that, until an image covers them.
+shared: the daemon's `shareable` decides (`shoal.tenancy.access`). Such digests stay
+advertised while containerd holds them; full rebuilds check that, until an image covers them.
 
 The advertised set is also kept on disk: a shoal that was killed and restarted withdraws what
 its earlier run advertised but the node no longer holds, instead of leaving those records to
@@ -102,7 +101,7 @@ class Catalog:
         read_keys: Callable[[ContainerdClient], Awaitable[set[str]]] = node_keys,
         state_file: Path | None = None,
         holds: Callable[[ContainerdClient, str], Awaitable[bool]] = committed,
-        shareable: Callable[[str], bool] = lambda digest: True,
+        shareable: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.client = client
         self.router = router
@@ -148,12 +147,12 @@ class Catalog:
         for digest in list(self._committed):
             if not await self.holds(self.client, digest):
                 self._committed.discard(digest)
-        return {d for d in self._committed if self.shareable(d)}
+        return {d for d in self._committed if await self._shareable(d)}
 
     async def add_committed(self) -> None:
         """Advertises the blobs containerd reported committed, without re-reading the store."""
         async with self._lock:
-            added = {d for d in self._committed - self.keys if self.shareable(d)}
+            added = {d for d in self._committed - self.keys if await self._shareable(d)}
             if not added:
                 return
             await self.router.advertise(added)
@@ -161,6 +160,9 @@ class Catalog:
             self._save()
             metrics.ADVERTISED.set(len(self.keys))
             log.info("catalog: %d keys (+%d committed)", len(self.keys), len(added))
+
+    async def _shareable(self, digest: str) -> bool:
+        return self.shareable is None or await self.shareable(digest)
 
     async def _router_ready(self, timeout: float = 30.0) -> None:
         """A withdrawal sent before the router knows any peer reaches nobody: wait a little."""

@@ -98,7 +98,7 @@ OPTIONS: tuple[Option, ...] = (
         "share_unknown",
         False,
         "share content whose status could not be learned (registry unreachable or not in "
-        "--mirror-registries, ctr import)",
+        "--mirror-registries)",
         type=_bool,
     ),
     Option(

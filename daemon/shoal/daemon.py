@@ -134,6 +134,7 @@ class Daemon:
             Prober(self.upstream),
             refresh=settings.status_refresh,
             on_change=lambda: self.catalog.poke(),
+            listed=self.upstream.allowlist.registries,
         )
         self.catalog = Catalog(
             self.client,
@@ -141,7 +142,7 @@ class Daemon:
             settings.resync_interval,
             read_keys=self._shareable_keys,
             state_file=Path(settings.data_dir) / "advertised.json",
-            shareable=self.access.blob_ok,
+            shareable=self._committed_shareable,
         )
         self.store = ContainerdStore(self.client)
         self.spool = Spool(
@@ -238,6 +239,13 @@ class Daemon:
 
     async def _shareable_keys(self, client: ContainerdClient) -> set[str]:
         return self.access.update(await node_images(client))
+
+    async def _committed_shareable(self, digest: str) -> bool:
+        """A blob containerd committed before any image names it."""
+        if self.access.blob_ok(digest):
+            return True  # it reached the node anonymously
+        info = await self.client.info(digest)
+        return info is not None and self.access.committed_ok(info.labels)
 
     def _my_id(self) -> str:
         return self.router.node_info().id

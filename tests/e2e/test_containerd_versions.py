@@ -67,11 +67,12 @@ def expect_cri_path(node: ContainerdNode, local: bool) -> None:
 def serving_node(
     node_factory: NodeFactory, registry: Registry, image: images.TestImage, repo: str
 ) -> tuple[str, ContainerdNode, ShoalDaemon]:
-    """A node holding `image` (pulled straight from the registry) and its shoal."""
+    """A node holding `image` (pulled straight from the registry) and its shoal, which shares
+    that registry's images (it is outside the allow-list: their status cannot be learned)."""
     ref = images.push(image, registry, repo, "v1")
     a = node_factory("a")
     a.pull(ref, via_hosts=False, plain_http=True)
-    return ref, a, ShoalDaemon(a).start()
+    return ref, a, ShoalDaemon(a, extra_args=["--share-registries", registry.host]).start()
 
 
 def fd_targets(pid: int) -> set[str]:
@@ -187,7 +188,10 @@ def test_committed_layer_is_found_by_a_peer_while_the_pull_goes_on(
     image = images.layered_image([mib, 12 * mib, 12 * mib, 12 * mib], seed=5, name="events")
     ref = images.push(image, registry, "events/app", "v1")
     reg_ns.limit("100mbit")  # ~4 s for the image: the small layer lands long before the end
-    cluster = Cluster(network, tmp, registry, shoal_args=["--resync-interval", "3600"])
+    # Outside the allow-list, so shoal cannot learn whether the registry serves anyone: the
+    # operator shares it, and a committed layer is attributed to it by containerd's labels.
+    shared = ["--share-registries", registry.host]
+    cluster = Cluster(network, tmp, registry, shoal_args=["--resync-interval", "3600", *shared])
     a, b = cluster.add_node("a"), cluster.add_node("b")
     for node in (a, b):
         cluster.start_shoal(node)

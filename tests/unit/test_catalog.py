@@ -136,8 +136,12 @@ async def test_a_committed_blob_is_advertised_only_when_it_may_be_shared() -> No
     router, observer = await routers()
     store = Store("sha256:old")
     shared: set[str] = {"sha256:public"}
+
+    async def shareable(digest: str) -> bool:
+        return digest in shared
+
     catalog = Catalog(None, router, 3600, read_keys=store.read_keys, holds=store.holds,  # type: ignore[arg-type]
-                      shareable=shared.__contains__)  # fmt: skip
+                      shareable=shareable)  # fmt: skip
     await catalog.sync()
     for digest in ("sha256:public", "sha256:private"):
         store.blobs.add(digest)

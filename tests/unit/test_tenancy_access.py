@@ -187,3 +187,30 @@ def test_image_names_split_into_registry_and_repository() -> None:
     assert split_image_name(f"{REG}/a/b@{d(1)}") == (REG, "a/b")
     assert split_image_name("localhost:5000/app") == ("localhost:5000", "app")
     assert split_image_name("sha256:" + "1" * 64) is None
+
+
+async def test_a_blob_containerd_pulled_itself_is_shared_by_where_its_labels_say(
+    tmp_path: Path,
+) -> None:
+    """containerd labels what it pulls with the host (no port) and repository: the blob is
+    shareable only if every registry on that host may share that repository."""
+    host = REG.split(":")[0]
+    opted = SharePolicy(registries=[REG])
+    acc, _, _ = access(tmp_path, policy=opted)
+    assert acc.committed_ok({f"containerd.io/distribution.source.{host}": "team/app"})
+    assert not acc.committed_ok({})  # nothing says where it came from
+    assert not acc.committed_ok({"containerd.io/distribution.source.other.example": "team/app"})
+    # Another registry on the same host, not opted in: the blob may be its.
+    acc.statuses.put((f"{host}:6000", "team/app", d(1)), Status.PRIVATE, "probe")
+    assert not acc.committed_ok({f"containerd.io/distribution.source.{host}": "team/app"})
+    # Learned public for the repository (any of its manifests): shareable without opt-in.
+    plain, _, _ = access(tmp_path / "plain")
+    source = {"containerd.io/distribution.source.docker.io": "library/alpine"}
+    assert not plain.committed_ok(source)  # not yet learned: its image will be asked about
+    plain.statuses.put(("docker.io", "library/alpine", d(2)), Status.PUBLIC, "probe")
+    assert plain.committed_ok(source)
+    # --share-unknown covers registries that can never be asked, not those not asked yet.
+    unknown = SharePolicy(unknown=True)
+    acc2 = Access(StatusStore(None), unknown, None, listed=["docker.io"])
+    assert not acc2.committed_ok({"containerd.io/distribution.source.docker.io": "library/x"})
+    assert acc2.committed_ok({"containerd.io/distribution.source.air.gapped": "team/app"})

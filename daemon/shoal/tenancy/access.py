@@ -11,7 +11,9 @@ operator opted it in (`policy`). From the shareable images:
 
 Content that reached this node anonymously (fetched from upstream without credentials, or
 shared by a peer, which shares only what it may) is shareable before its image record exists:
-blobs for `refresh` seconds, manifests as a learned status.
+blobs for `refresh` seconds, manifests as a learned status. A blob containerd committed by
+itself (its image does not exist yet) is shareable when every repository its labels may name
+is (`committed_ok`): opted in, learned public, or unknown for good under `--share-unknown`.
 
 The catalog calls `update()` on every sync; it schedules the anonymous probes of images whose
 status is missing or older than `refresh`, and `on_change` asks the catalog to sync again when
@@ -24,14 +26,14 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from shoal import metrics
 from shoal.content.model import ContentKind
 from shoal.oci.digest import Digest
 from shoal.oci.names import Reference
-from shoal.tenancy import refusals
+from shoal.tenancy import labels, refusals
 from shoal.tenancy.policy import SharePolicy
 from shoal.tenancy.status import Key, Learned, Prober, Status, StatusStore
 
@@ -86,14 +88,18 @@ class Access:
         *,
         refresh: float = 3600.0,
         on_change: Callable[[], None] = lambda: None,
+        listed: Iterable[str] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`listed`: the registries shoal may contact (whose statuses can be learned)."""
         self.statuses = statuses
         self.policy = policy
         self.prober = prober
         self.refresh = refresh
         self.on_change = on_change
         self.clock = clock
+        self.listed = frozenset(listed)
+        self._registries: frozenset[str] = frozenset()  # of the images held at the last sync
         self._view = _View()
         self._learned_blobs: dict[str, float] = {}  # digest -> until
         self._retry: dict[Key, tuple[float, float]] = {}  # key -> (next attempt, backoff)
@@ -134,6 +140,7 @@ class Access:
         for shared in blobs | tags:
             withheld.pop(shared, None)
         self._view = _View(frozenset(tags), frozenset(manifests), frozenset(blobs), withheld)
+        self._registries = frozenset(k[0] for k in held)
         for status, count in counts.items():
             metrics.CONTENT_STATUS.labels(status.value).set(count)
         self._retry = {k: v for k, v in self._retry.items() if k in held}
@@ -195,6 +202,23 @@ class Access:
             return True
         until = self._learned_blobs.get(text)
         return until is not None and until > self.clock()
+
+    def committed_ok(self, content_labels: Mapping[str, str]) -> bool:
+        """Whether a blob containerd pulled by itself may be shared, by where its labels say
+        it came from. Not yet learned is not shareable: its image will be asked about."""
+        known = self._registries | self.listed | self.statuses.registries()
+        known |= {p for p in self.policy.registries if "*" not in p and "?" not in p}
+        pairs = labels.sources(content_labels, known)
+        return bool(pairs) and all(self._repository_ok(r, repo) for r, repo in pairs)
+
+    def _repository_ok(self, registry: str, repository: str) -> bool:
+        if self.policy.opted_in(registry, repository):
+            return True
+        status = self.statuses.repository(registry, repository)
+        if status is Status.PUBLIC:
+            return True
+        # Unknown for good (never asked: not allow-listed) is the only unknown to share.
+        return status is Status.UNKNOWN and self.policy.unknown and registry not in self.listed
 
     def withheld(self, digest_or_tag: str) -> str | None:
         """Why the node does not share content it holds (a refusal reason), or None when it

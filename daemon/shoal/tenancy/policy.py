@@ -19,7 +19,7 @@ class SharePolicy:
         """`registries`: patterns of registry names as containerd names them (`docker.io`,
         `registry.internal:5000`, `*.corp.example`); `repositories`: patterns of
         `<registry>/<repository>` (`docker.io/library/*`); `unknown`: share content whose
-        status could not be learned (registry unreachable or not allow-listed, `ctr import`)."""
+        status could not be learned (registry unreachable or not allow-listed)."""
         self.registries = [p.strip().lower() for p in registries if p.strip()]
         self.repositories = [p.strip().lower() for p in repositories if p.strip()]
         self.unknown = unknown

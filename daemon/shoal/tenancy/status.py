@@ -65,6 +65,15 @@ class StatusStore:
     def get(self, key: Key) -> Learned | None:
         return self._entries.get(key)
 
+    def repository(self, registry: str, repository: str) -> Status:
+        """The latest status learned of any manifest of the repository (a registry grants
+        pulls per repository)."""
+        found = [v for k, v in self._entries.items() if k[0] == registry and k[1] == repository]
+        return max(found, key=lambda v: v.at).status if found else Status.UNKNOWN
+
+    def registries(self) -> set[str]:
+        return {k[0] for k in self._entries}
+
     def put(self, key: Key, status: Status, how: str) -> bool:
         """Records a definitive answer; returns whether the status changed. UNKNOWN is never
         recorded: what was learned before stays."""
