@@ -50,7 +50,8 @@ GROUPS = ("ping", "read-only", "missing-manifest", "invalid-digest-format")
 NOT_APPLICABLE = {
     "sha256 blobs, sha512 blobs": "every check in them (including GET of a missing blob, Range "
     "and the empty blob) runs on blobs the suite pushes first; a pull-only mirror takes no "
-    "push (shoal's Range, 416 and missing-blob answers are tested in test_local_serving.py)",
+    "push (shoal's Range, 416 and missing-blob answers are tested in test_local_serving.py "
+    "and tests/unit/test_registry.py)",
     "empty/tag list, read-only/tag-list": "tag listing: containerd never lists tags, and a "
     "mirror lists no repository; shoal answers 404",
     "empty/referrers, read-only/referrers": "the referrers API: containerd's pulls never use "
