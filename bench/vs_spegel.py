@@ -38,6 +38,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -332,6 +333,8 @@ def main() -> int:
     if args.containerd:
         os.environ["SHOAL_CONTAINERD"] = args.containerd
 
+    # A stopped bench still removes its namespaces and GBs of containerd roots.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     base = Path(tempfile.mkdtemp(prefix="shoal-vs-spegel-"))
     net = Network("vs-spegel").create()
     results: dict[str, dict[str, list[Sample]]] = {}
