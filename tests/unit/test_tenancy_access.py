@@ -82,6 +82,10 @@ async def test_only_images_served_anonymously_are_advertised_and_shared(tmp_path
     assert acc.manifest_ok(REG, "pub/app", Digest.parse(d(1)))
     assert not acc.manifest_ok(REG, "priv/app", Digest.parse(d(1)))
     assert not acc.manifest_ok(REG, "priv/app", Digest.parse(d(4)))
+    # A request naming no registry (a client using shoal as its registry) matches the repository.
+    assert acc.manifest_ok(None, "pub/app", Digest.parse(d(1)))
+    assert not acc.manifest_ok(None, "priv/app", Digest.parse(d(1)))
+    assert not acc.manifest_ok(None, "priv/app", Digest.parse(d(4)))
 
 
 async def test_a_public_image_turned_private_is_withdrawn_at_the_refresh(tmp_path: Path) -> None:

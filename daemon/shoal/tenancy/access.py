@@ -4,7 +4,8 @@ An image the node holds is shareable when its registry serves it anonymously (`s
 operator opted it in (`policy`). From the shareable images:
 
 - tags: their names; manifests: their manifest digests, only under their own registry and
-  repository (a request naming another repository is no proof of access to it);
+  repository (a request naming another repository is no proof of access to it; one naming no
+  registry, as a client using shoal as its registry sends, matches the repository only);
 - blobs: every digest of any shareable image. A layer of a private image that is also a layer
   of a public one is public by that image; a digest known only from private images is not
   shared, even though a public base image may have made it known outside.
@@ -75,6 +76,7 @@ class _View:
 
     tags: frozenset[str] = frozenset()
     manifests: frozenset[Key] = frozenset()
+    unqualified: frozenset[tuple[str, str]] = frozenset()  # (repository, digest) of those
     blobs: frozenset[str] = frozenset()
     withheld: dict[str, str] = field(default_factory=dict)  # digest or tag -> refusal reason
 
@@ -139,7 +141,10 @@ class Access:
                 keys.add(image.name)
         for shared in blobs | tags:
             withheld.pop(shared, None)
-        self._view = _View(frozenset(tags), frozenset(manifests), frozenset(blobs), withheld)
+        unqualified = frozenset((repo, digest) for _, repo, digest in manifests)
+        self._view = _View(
+            frozenset(tags), frozenset(manifests), unqualified, frozenset(blobs), withheld
+        )
         self._registries = frozenset(k[0] for k in held)
         for status, count in counts.items():
             metrics.CONTENT_STATUS.labels(status.value).set(count)
@@ -193,7 +198,9 @@ class Access:
     def tag_ok(self, image_name: str) -> bool:
         return image_name in self._view.tags
 
-    def manifest_ok(self, registry: str, repository: str, digest: Digest) -> bool:
+    def manifest_ok(self, registry: str | None, repository: str, digest: Digest) -> bool:
+        if registry is None:
+            return (repository, str(digest)) in self._view.unqualified
         return (registry, repository, str(digest)) in self._view.manifests
 
     def blob_ok(self, digest: Digest | str) -> bool:

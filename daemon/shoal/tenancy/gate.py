@@ -54,9 +54,7 @@ class Withheld:
 
     async def find(self, ref: Reference, digest: Digest, kind: ContentKind) -> Blob | None:
         if kind == "manifest":
-            ok = ref.registry is not None and self.access.manifest_ok(
-                ref.registry, ref.repository, digest
-            )
+            ok = self.access.manifest_ok(ref.registry, ref.repository, digest)
         else:
             ok = not self.to_peers or self.access.blob_ok(digest)
         if not ok:
