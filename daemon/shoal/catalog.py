@@ -121,11 +121,11 @@ class Catalog:
 
     async def sync(self) -> None:
         async with self._lock:
+            self._synced_at = time.monotonic()
+            keys = await self.read_keys(self.client)  # also what may be shared, at once
+            keys |= await self._still_committed(keys)
             if self._leftover:
                 await self._router_ready()
-            self._synced_at = time.monotonic()
-            keys = await self.read_keys(self.client)
-            keys |= await self._still_committed(keys)
             added, removed = keys - self.keys, (self.keys | self._leftover) - keys
             self._leftover = set()
             if removed:

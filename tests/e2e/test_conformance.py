@@ -116,6 +116,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         registry.stop()  # every answer below comes from the node's content store
         # Pulled straight from a registry outside shoal's allow-list: shared by choice.
         shoal = ShoalDaemon(cd, extra_args=["--share-registries", registry.host]).start()
+        shoal.wait_synced()
         manifests, blobs = [], []
         for image in built.values():
             if isinstance(image, images.Index):

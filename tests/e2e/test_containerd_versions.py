@@ -72,7 +72,8 @@ def serving_node(
     ref = images.push(image, registry, repo, "v1")
     a = node_factory("a")
     a.pull(ref, via_hosts=False, plain_http=True)
-    return ref, a, ShoalDaemon(a, extra_args=["--share-registries", registry.host]).start()
+    shoal = ShoalDaemon(a, extra_args=["--share-registries", registry.host]).start()
+    return ref, a, shoal.wait_synced()
 
 
 def fd_targets(pid: int) -> set[str]:

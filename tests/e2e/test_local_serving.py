@@ -63,6 +63,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         # Pulled straight from a registry outside shoal's allow-list: shared by the operator's
         # choice, as an air-gapped registry's images would be.
         shoal_a = ShoalDaemon(a, extra_args=["--share-registries", registry.host]).start()
+        shoal_a.wait_synced()
         yield World(base, registry, a, shoal_a, refs, built)
     finally:
         stop_all()

@@ -74,6 +74,21 @@ class ShoalDaemon:
         )  # fmt: skip
         return self
 
+    def synced(self) -> bool:
+        """Whether the first catalog sync decided what this node may share (until then it
+        shares nothing, and its containerd gets no manifest from its store). A restart with
+        keys left to withdraw waits for a peer first (up to 30 s)."""
+        try:
+            with urllib.request.urlopen(f"{self.metrics_url}/metrics", timeout=5) as resp:
+                return b"shoal_images_by_status{" in resp.read()
+        except OSError:
+            return False
+
+    def wait_synced(self, timeout: float = 60) -> ShoalDaemon:
+        wait_for(self.synced, timeout=timeout, what=f"shoal on {self.node.name} to sync",
+                 proc=self.proc)  # fmt: skip
+        return self
+
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.stop()
