@@ -221,8 +221,10 @@ class Daemon:
         )
         await self.router.start()
         self.routing_metrics = metrics.watch_routing(self.router.stats)
-        self.tasks.append(asyncio.create_task(self.catalog.run(), name="catalog"))
-        self.tasks.append(asyncio.create_task(self._gauges(), name="gauges"))
+        for work, name in ((self.catalog.run(), "catalog"), (self._gauges(), "gauges")):
+            task = asyncio.create_task(work, name=name)
+            task.add_done_callback(_report_death)
+            self.tasks.append(task)
 
     async def _serve(self, app: web.Application, address: str, what: str) -> None:
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
@@ -275,6 +277,12 @@ class Daemon:
         await self.peers.close()
         await self.router.stop()
         await self.client.close()
+
+
+def _report_death(task: asyncio.Task[None]) -> None:
+    """A background task that ends before shutdown is a fault: say so (it would go unseen)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s stopped: %r", task.get_name(), task.exception(), exc_info=task.exception())
 
 
 async def _main(settings: Settings) -> int:
