@@ -79,6 +79,28 @@ OPTIONS: tuple[Option, ...] = (
     Option("tag_ttl", 5.0, "seconds an upstream tag answer is reused", type=float),
     Option("upstream_credentials", "", "docker config.json style credentials file for upstreams"),
     Option("upstream_insecure", [], "registries reached over plain HTTP (comma list)", type=_csv),
+    Option("upstream_connect_timeout", 3.0, "seconds to connect to an upstream", type=float),
+    Option(
+        "upstream_first_byte_timeout",
+        3.0,
+        "seconds an upstream has to answer a request once connected (status and headers)",
+        type=float,
+    ),
+    Option("upstream_read_timeout", 30.0, "seconds an upstream body may stay silent", type=float),
+    Option(
+        "upstream_breaker_failures",
+        3,
+        "consecutive failures (no connection, no answer in time, 502/503/504) after which "
+        "an upstream is not asked for a while: misses are answered at once",
+        type=int,
+    ),
+    Option(
+        "upstream_breaker_cooldown",
+        10.0,
+        "seconds before an upstream that stopped answering is probed again (doubles per "
+        "failed probe, up to 60)",
+        type=float,
+    ),
     Option("resync_interval", 60.0, "seconds between full re-reads of the store", type=float),
     Option("spool_max_bytes", 10 * 1024**3, "bytes the in-flight spool may hold", type=int),
     Option(
@@ -122,6 +144,11 @@ class Settings:
     tag_ttl: float
     upstream_credentials: str
     upstream_insecure: list[str]
+    upstream_connect_timeout: float
+    upstream_first_byte_timeout: float
+    upstream_read_timeout: float
+    upstream_breaker_failures: int
+    upstream_breaker_cooldown: float
     resync_interval: float
     spool_max_bytes: int
     peer_transfer: str

@@ -41,6 +41,23 @@ VERIFY_FAILURES = Counter(
     ["source"],
     registry=REGISTRY,
 )
+UPSTREAM_CIRCUITS_OPEN = Gauge(
+    "shoal_upstream_circuits_open",
+    "Upstream origins (registries, token realms, storage) not asked because they stopped answering",
+    registry=REGISTRY,
+)
+REJECTED = Counter(
+    "shoal_rejected_requests_total",
+    "Requests and connections refused before any route ran, by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+CUT = Counter(
+    "shoal_connections_cut_total",
+    "Client connections closed by shoal's deadlines, by which deadline",
+    ["deadline"],
+    registry=REGISTRY,
+)
 
 
 # The router's stats: help texts, and which are levels rather than running totals.

@@ -158,17 +158,15 @@ async def test_refused_connections_fail_fast() -> None:
         assert time.monotonic() - started < 2
 
 
-async def test_stalled_upstream_times_out(servers: Servers) -> None:
+async def test_stalled_upstream_times_out_without_retrying(servers: Servers) -> None:
     reg = await servers.registry()
     add_image(reg)
     reg.faults = [stall(servers.release)] * 3
-    timeouts = Timeouts(connect=1, read=0.3, operation=10)
+    timeouts = Timeouts(connect=1, first_byte=0.3, read=5, operation=10)
     async with source(reg, timeouts=timeouts) as src:
-        started = time.monotonic()
         assert await src.resolve(ref(reg)) is None
-        elapsed = time.monotonic() - started
-    assert 0.8 <= elapsed < 3  # three attempts of 0.3 s each, not forever
-    assert len(reg.seen) == 3
+    # One attempt: a registry that did not answer in time would not answer the next either.
+    assert len(reg.seen) == 1
 
 
 async def test_whole_operation_is_bounded(servers: Servers) -> None:
