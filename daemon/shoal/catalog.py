@@ -32,6 +32,18 @@ log = logging.getLogger("shoal.catalog")
 DEBOUNCE = 0.3
 
 
+class StoreListener(Protocol):
+    """Told what the event stream says (shoal.containerd.imagecache.ImageCache)."""
+
+    def changed(self, event: Event) -> None: ...
+
+    def stream_down(self) -> None: ...
+
+    def stream_up(self) -> None:
+        """The stream is live again and the catalog resynced over it."""
+        ...
+
+
 class Advertiser(Protocol):
     """What the catalog needs of the router."""
 
@@ -72,8 +84,10 @@ class Catalog:
         resync_interval: float,
         read_keys: Callable[[ContainerdClient], Awaitable[set[str]]] = node_keys,
         state_file: Path | None = None,
+        listener: StoreListener | None = None,
     ) -> None:
         self.client = client
+        self.listener = listener
         self.router = router
         self.resync_interval = resync_interval
         self.read_keys = read_keys
@@ -133,9 +147,17 @@ class Catalog:
 
     async def _on_event(self, event: Event) -> None:
         self._dirty.set()
+        if self.listener is not None:
+            self.listener.changed(event)
 
     async def _on_resync(self) -> None:
         await self.sync()
+        if self.listener is not None:
+            self.listener.stream_up()
+
+    def _on_break(self, err: Exception) -> None:
+        if self.listener is not None:
+            self.listener.stream_down()
 
     async def _rebuild_loop(self) -> None:
         while True:
@@ -155,5 +177,7 @@ class Catalog:
     async def run(self) -> None:
         """Runs until cancelled: the event watcher and the rebuild loop."""
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(watch(self.client, self._on_event, self._on_resync))
+            tasks.create_task(
+                watch(self.client, self._on_event, self._on_resync, on_break=self._on_break)
+            )
             tasks.create_task(self._rebuild_loop())

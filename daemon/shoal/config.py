@@ -59,6 +59,28 @@ OPTIONS: tuple[Option, ...] = (
     Option("listen", "0.0.0.0:30020", "address of the registry API (host:port)"),
     Option("metrics_listen", "0.0.0.0:30021", "address of /metrics, /healthz and /readyz"),
     Option("data_dir", "/var/lib/shoal", "directory for the peer identity and the spool"),
+    Option(
+        "http_header_timeout",
+        10.0,
+        "seconds a client has to send a request's headers once it began",
+        type=float,
+    ),
+    Option(
+        "http_idle_timeout", 60.0, "seconds an idle keep-alive connection stays open", type=float
+    ),
+    Option(
+        "http_write_timeout",
+        30.0,
+        "seconds a client may leave an answer unread (nothing acknowledged) before it is cut",
+        type=float,
+    ),
+    Option(
+        "http_max_connections_per_client",
+        64,
+        "open connections per remote address (this node's own clients are not limited)",
+        type=int,
+    ),
+    Option("http_max_connections", 1024, "open connections from remote addresses in all", type=int),
     Option("log_level", "info", "log level", choices=LOG_LEVELS),
     Option("p2p_listen", "0.0.0.0:30022", "libp2p listen address (host:port)"),
     Option("p2p_announce", "", "address peers reach this node at (default: first non-loopback)"),
@@ -129,6 +151,11 @@ class Settings:
     listen: str
     metrics_listen: str
     data_dir: str
+    http_header_timeout: float
+    http_idle_timeout: float
+    http_write_timeout: float
+    http_max_connections_per_client: int
+    http_max_connections: int
     log_level: str
     p2p_listen: str
     p2p_announce: str

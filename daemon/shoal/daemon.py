@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 from aiohttp import web
 
@@ -15,12 +13,15 @@ from shoal import logs, metrics
 from shoal.catalog import Catalog
 from shoal.config import Settings
 from shoal.containerd.client import ContainerdClient
+from shoal.containerd.imagecache import ImageCache
 from shoal.fetch.designate import Designation
 from shoal.fetch.imageorder import OrderedFetches
 from shoal.fetch.sharing import SharedFetches
 from shoal.fetch.spool import Spool
+from shoal.health import ContainerdHealth, health_app
 from shoal.oci.digest import Digest
 from shoal.registry.app import make_app
+from shoal.registry.httpserver import RegistryRunner, ServerLimits
 from shoal.registry.transfer import PeerTransfer
 from shoal.routing.base import Peer, Router
 from shoal.routing.factory import make_router
@@ -28,7 +29,7 @@ from shoal.sources.chain import SourceChain
 from shoal.sources.inflight import InFlightSource
 from shoal.sources.local import LocalSource
 from shoal.sources.nodestore import ContainerdStore
-from shoal.sources.peers import PeerSource, ProviderLookup
+from shoal.sources.peers import PeerSource
 from shoal.sources.tags import TagPolicy
 from shoal.sources.upstream import UpstreamFetcher
 from shoal.upstream import UpstreamSource
@@ -48,39 +49,6 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class RoutingView(ProviderLookup, Protocol):
-    def ready(self) -> bool: ...
-
-
-def health_app(ready: Callable[[], bool], router: RoutingView) -> web.Application:
-    async def healthz(_: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def readyz(_: web.Request) -> web.Response:
-        ok = ready()
-        return web.Response(status=200 if ok else 503, text="ready\n" if ok else "not ready\n")
-
-    async def metrics_view(_: web.Request) -> web.Response:
-        return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
-
-    async def providers(request: web.Request) -> web.Response:
-        """Which peers the DHT names for a key: what this node's pulls would try."""
-        key = request.query.get("key", "")
-        if not key or len(key) > 512:
-            return web.json_response({"error": "?key=<digest or registry/repo:tag>"}, status=400)
-        if not router.ready():  # not started, or no peer yet: nothing to ask
-            return web.json_response({"error": "routing not ready"}, status=503)
-        found = [{"id": p.id, "address": p.address} async for p in router.lookup(key, 20)]
-        return web.json_response({"key": key, "providers": found})
-
-    app = web.Application()
-    app.router.add_get("/debug/providers", providers)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_view)
-    return app
-
-
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -95,15 +63,26 @@ class Daemon:
             redirect=settings.peer_transfer == "redirect",
             relay_timeout=self.peers.settings.read_timeout,
         )
+        # Image records for requests, kept while the catalog's event stream says nothing changed.
+        self.images = ImageCache(self.client)
         self.catalog = Catalog(
             self.client,
             self.router,
             settings.resync_interval,
             state_file=Path(settings.data_dir) / "advertised.json",
+            listener=self.images,
         )
         # The registry and the spool verify every byte already; a third hash would only cost.
         self.upstream = UpstreamSource.from_settings(settings, verify_blobs=False)
-        self.store = ContainerdStore(self.client)
+        self.store = ContainerdStore(self.images)
+        self.health = ContainerdHealth(self.client)
+        self.limits = ServerLimits(
+            header_timeout=settings.http_header_timeout,
+            idle_timeout=settings.http_idle_timeout,
+            write_timeout=settings.http_write_timeout,
+            max_per_client=settings.http_max_connections_per_client,
+            max_connections=settings.http_max_connections,
+        )
         self.spool = Spool(
             Path(settings.data_dir) / "spool",
             settings.spool_max_bytes,
@@ -112,17 +91,15 @@ class Daemon:
         self.runners: list[web.AppRunner] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.routing_metrics: metrics.RoutingCollector | None = None
-        self.containerd_ok = False
         self.ordered: OrderedFetches | None = None
 
     def ready(self) -> bool:
-        return self.containerd_ok and self.catalog.synced.is_set() and self.router.ready()
+        return self.health.ok and self.catalog.synced.is_set() and self.router.ready()
 
     async def start(self) -> None:
         await self.client.connect()
         version = await self.client.version()
         root = await self.client.content_root()
-        self.containerd_ok = True
         log.info(
             "containerd %s, namespace %s, content %s",
             version,
@@ -171,10 +148,11 @@ class Daemon:
         await self.router.start()
         self.routing_metrics = metrics.watch_routing(self.router.stats)
         self.tasks.append(asyncio.create_task(self.catalog.run(), name="catalog"))
+        self.tasks.append(asyncio.create_task(self.health.run(), name="containerd-health"))
         self.tasks.append(asyncio.create_task(self._gauges(), name="gauges"))
 
     async def _serve(self, app: web.Application, address: str, what: str) -> None:
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
+        runner = RegistryRunner(app, self.limits, shutdown_timeout=SHUTDOWN_GRACE)
         await runner.setup()
         host, port = split_host_port(address)
         await web.TCPSite(runner, host, port, reuse_address=True).start()
