@@ -43,7 +43,7 @@ SHUTDOWN_GRACE = 10.0
 def split_host_port(address: str) -> tuple[str, int]:
     """`host:port`, `[v6]:port` or `:port` (all interfaces)."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()):
         raise ValueError(f"address needs a port: {address!r}")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)

@@ -54,7 +54,9 @@ def parse_registry_host(ns: str) -> str:
         port = port_text if sep else None
         if not _is_hostname(name):
             raise NameInvalid("invalid ns", {"ns": ns})
-    if port is not None and (not port.isdigit() or not 0 < int(port) < 65536 or port[0] == "0"):
+    if port is not None and not (port.isascii() and port.isdigit() and port[0] != "0"):
+        raise NameInvalid("invalid ns port", {"ns": ns})
+    if port is not None and not 0 < int(port) < 65536:
         raise NameInvalid("invalid ns port", {"ns": ns})
     return DOCKER_HUB if host in _DOCKER_HUB_ALIASES else host
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from shoal.oci.errors import RangeInvalid
 
-_SINGLE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_SINGLE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")  # \d would take any script's digits
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from shoal.upstream.transport import RETRYABLE
 log = logging.getLogger("shoal.upstream")
 
 CHUNK = 256 * 1024
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_CONTENT_RANGE = re.compile(r"^bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)$")  # ASCII digits only
 
 
 class _Short(Exception):
@@ -178,6 +178,11 @@ async def blob_size(
 
 
 def content_length(value: str | None) -> int | None:
-    if value is None or not value.strip().isdigit():
+    if value is None or not _is_number(value.strip()):
         return None
     return int(value.strip())
+
+
+def _is_number(text: str) -> bool:
+    # str.isdigit() accepts "²" and other digits int() refuses.
+    return text.isascii() and text.isdigit()
