@@ -43,6 +43,10 @@ _ACCEPT = ", ".join(
 )
 
 
+class PeerUnreachable(ConnectionError):
+    """The peer gave no answer at all (as opposed to answering that it has nothing)."""
+
+
 class ProviderLookup(Protocol):
     """What peers need of the router: who holds a key."""
 
@@ -119,8 +123,13 @@ class PeerSource:
         self, peer: Peer, ref: Reference, digest: Digest, kind: ContentKind
     ) -> PeerBlob | None:
         """Content from `peer`, asked to fetch it from upstream for the cluster (it is the
-        designated fetcher, shoal.fetch.designate)."""
-        return await self._find_at([peer], ref, digest, fetch=True, kind=kind)
+        designated fetcher, shoal.fetch.designate); None when it answered that it cannot,
+        PeerUnreachable when it did not answer."""
+        answered: list[int] = []
+        blob = await self._find_at([peer], ref, digest, fetch=True, kind=kind, answered=answered)
+        if blob is None and not answered:
+            raise PeerUnreachable(f"designated fetcher {peer.address} did not answer")
+        return blob
 
     async def _find_at(
         self,
@@ -130,12 +139,14 @@ class PeerSource:
         *,
         fetch: bool = False,
         kind: ContentKind = "blob",
+        answered: list[int] | None = None,
     ) -> PeerBlob | None:
         """Content from the first of `peers` to answer a HEAD for it; with `fetch`, asked of
-        them as the cluster's fetcher."""
+        them as the cluster's fetcher. `answered` collects the statuses peers answered."""
         path = content_path(ref.repository, kind, digest)
         patience = FETCHER_PATIENCE if fetch else None
-        answer = await self._first(peers, "HEAD", path, ref.registry, peer_headers(fetch), patience)
+        marks = peer_headers(fetch)
+        answer = await self._first(peers, "HEAD", path, ref.registry, marks, patience, answered)
         if answer is None:
             return None
         first, resp = answer
@@ -175,6 +186,7 @@ class PeerSource:
         ns: str | None,
         marks: dict[str, str],
         patience: float | None = None,
+        answered: list[int] | None = None,
     ) -> tuple[Peer, aiohttp.ClientResponse] | None:
         """The first peer to answer 200/206, hedging slow ones; its response is released."""
 
@@ -190,6 +202,8 @@ class PeerSource:
                 timeout=timeout,
             )
             resp.release()
+            if answered is not None:
+                answered.append(resp.status)
             if resp.status not in (200, 206):
                 raise aiohttp.ClientResponseError(
                     resp.request_info, (), status=resp.status, message="peer miss"
