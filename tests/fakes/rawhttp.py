@@ -11,10 +11,12 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from shoal.registry.httpserver import RegistryRunner, ServerLimits
+if TYPE_CHECKING:
+    from shoal.registry.httpserver import RegistryRunner, ServerLimits
 
 
 @dataclass
@@ -89,6 +91,9 @@ async def serve(
     app: web.Application, limits: ServerLimits | None = None, host: str = "127.0.0.1"
 ) -> AsyncIterator[tuple[int, RegistryRunner]]:
     """The app behind RegistryRunner on an unused port: yields (port, runner)."""
+    # Imported here: e2e tests read answers with this module and must not need shoal itself.
+    from shoal.registry.httpserver import RegistryRunner, ServerLimits
+
     runner = RegistryRunner(app, limits or ServerLimits(), shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, 0)

@@ -204,7 +204,10 @@ class Connection(RequestHandler):
             try:
                 # Not abort(): a sendfile() waiting for the socket to drain would never hear
                 # of it. Shut down, and its wait ends with an error, and so does the handler.
+                # Closed with a reset (linger 0): a client that reads nothing would otherwise
+                # keep the unsent bytes in the kernel, and never hear of the end either.
                 if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     sock.shutdown(socket.SHUT_RDWR)
                     return deadline
             except OSError:
