@@ -63,8 +63,9 @@ class Daemon:
             redirect=settings.peer_transfer == "redirect",
             relay_timeout=self.peers.settings.read_timeout,
         )
+        self.health = ContainerdHealth(self.client)
         # Image records for requests, kept while the catalog's event stream says nothing changed.
-        self.images = ImageCache(self.client)
+        self.images = ImageCache(self.client, available=lambda: self.health.ok)
         self.catalog = Catalog(
             self.client,
             self.router,
@@ -75,7 +76,6 @@ class Daemon:
         # The registry and the spool verify every byte already; a third hash would only cost.
         self.upstream = UpstreamSource.from_settings(settings, verify_blobs=False)
         self.store = ContainerdStore(self.images)
-        self.health = ContainerdHealth(self.client)
         self.limits = ServerLimits(
             header_timeout=settings.http_header_timeout,
             idle_timeout=settings.http_idle_timeout,

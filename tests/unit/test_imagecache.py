@@ -138,6 +138,21 @@ async def test_containerd_down_is_not_here() -> None:
     assert await cache.get_image(NAME) is not None  # the miss was not kept
 
 
+async def test_containerd_found_down_or_hung_is_not_asked_or_waited_for() -> None:
+    fake = FakeContainerd()
+    digest = fake.tag(NAME, _manifest(1))
+    up = True
+    cache = ImageCache(fake, timeout=0.05, available=lambda: up)
+    up = False  # the health check found it down: not even asked
+    assert await cache.get_image(NAME) is None and await cache.info(digest) is None
+    assert fake.gets == 0
+    up = True
+    fake.gate = asyncio.Event()  # hung: answers never come
+    assert await asyncio.wait_for(cache.get_image(NAME), 10) is None
+    fake.gate.set()
+    assert await cache.get_image(NAME) is not None
+
+
 @pytest.fixture
 async def registry() -> AsyncIterator[tuple[aiohttp.ClientSession, str, FakeContainerd, Any]]:
     fake = FakeContainerd()

@@ -7,21 +7,25 @@ all, and so does a break of the stream, after which nothing is kept until the ca
 resynced over a live subscription again (`shoal.catalog`). A change becomes visible once its
 event arrives, as it does for the catalog.
 
-While containerd does not answer, records are "not here" (None), so a request goes on to peers
-and upstream; `shoal.health` says once that containerd is down, requests do not.
+While containerd does not answer (or does not within `timeout` seconds, or `shoal.health` found
+it down), records and content info are "not here" (None), at once: a request goes on to peers
+and upstream. `shoal.health` says once that containerd is down; requests do not.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol, TypeVar
 
 from shoal.containerd.model import ContainerdUnavailable, ContentInfo, Event, Image
 from shoal.oci.digest import Digest
 
 log = logging.getLogger("shoal.containerd")
+
+T = TypeVar("T")
 
 
 class ImageClient(Protocol):
@@ -42,9 +46,18 @@ class ImageCache:
     """An ImageClient in front of another; `changed`, `stream_down` and `stream_up` are the
     catalog's event-stream callbacks."""
 
-    def __init__(self, client: ImageClient, max_entries: int = 4096) -> None:
+    def __init__(
+        self,
+        client: ImageClient,
+        max_entries: int = 4096,
+        *,
+        timeout: float = 5.0,
+        available: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.client = client
         self.max_entries = max_entries
+        self.timeout = timeout
+        self.available = available
         self._images: OrderedDict[str, Image | None] = OrderedDict()
         self._live = False  # the event stream is up and the catalog resynced over it
         self._generation = 0  # bumped by every change: answers asked before one are not kept
@@ -57,9 +70,9 @@ class ImageCache:
             return self._images[name]
         generation = self._generation
         try:
-            image = await self.client.get_image(name)
-        except ContainerdUnavailable as exc:
-            log.debug("image %s: %s", name, exc)
+            image = await self._ask(self.client.get_image(name))
+        except (ContainerdUnavailable, TimeoutError) as exc:
+            log.debug("image %s: %r", name, exc)
             return None
         if self._live and generation == self._generation:
             self._images[name] = image
@@ -69,10 +82,18 @@ class ImageCache:
 
     async def info(self, digest: str | Digest) -> ContentInfo | None:
         try:
-            return await self.client.info(digest)
-        except ContainerdUnavailable as exc:
-            log.debug("info %s: %s", digest, exc)
+            return await self._ask(self.client.info(digest))
+        except (ContainerdUnavailable, TimeoutError) as exc:
+            log.debug("info %s: %r", digest, exc)
             return None
+
+    async def _ask(self, call: Awaitable[T]) -> T:
+        if not self.available():
+            if asyncio.iscoroutine(call):
+                call.close()
+            raise ContainerdUnavailable("containerd is down (health check)")
+        async with asyncio.timeout(self.timeout):
+            return await call
 
     def blob_path(self, digest: str | Digest) -> str | None:
         return self.client.blob_path(digest)
