@@ -65,6 +65,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served(registry: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     base = tmp_path_factory.mktemp("hostile")
+    registry.registry.start()  # again, if an earlier module's stop_all() ended it
     big = images.large_image(64, layers=1, seed=5, name="hostile-big")
     big_ref = images.push(big, registry.registry, "hostile/big", "v1")
     with node_pool(base) as make:

@@ -51,6 +51,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(registry: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     base = tmp_path_factory.mktemp("ready")
+    registry.registry.start()  # again, if an earlier module's stop_all() ended it
     with node_pool(base) as make:
         node = make("ready")
         node.pull(registry.refs["oci"], via_hosts=False, plain_http=True)
