@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol, TypeVar
 
+from shoal.containerd.events import CONTENT_CREATE
 from shoal.containerd.model import ContainerdUnavailable, ContentInfo, Event, Image
 from shoal.oci.digest import Digest
 
@@ -106,7 +107,8 @@ class ImageCache:
     # -- the event stream ------------------------------------------------------------------------
 
     def changed(self, event: Event) -> None:
-        self._drop()
+        if event.topic != CONTENT_CREATE:  # new content (containerd 2.1+) changes no record
+            self._drop()
 
     def stream_down(self) -> None:
         self._live = False
