@@ -34,7 +34,7 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     text = header.strip().replace(" ", "")
     if "," in text and text.startswith("bytes="):
         return None
-    match = _SINGLE.match(text)
+    match = _SINGLE.fullmatch(text)
     if not match or (not match.group(1) and not match.group(2)):
         raise RangeInvalid("invalid range", {"range": header[:100], "size": size})
     first, last = match.group(1), match.group(2)

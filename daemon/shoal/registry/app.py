@@ -78,7 +78,7 @@ class Registry:
             raise Unsupported("shoal is a pull-only mirror")
         if request.path in ("/v2", "/v2/"):
             return web.json_response({})
-        match = _ROUTE.match(request.path)
+        match = _ROUTE.fullmatch(request.path)
         if match is None:
             raise NameUnknownPath()
         ns = request.query.get("ns")

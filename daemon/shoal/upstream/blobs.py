@@ -139,7 +139,7 @@ def _check_answer(resp: aiohttp.ClientResponse, pos: int, size: int) -> str | No
         return None
     if resp.status != 206:
         return f"status {resp.status}"
-    match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", "").strip())
+    match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
     if match is None or int(match.group(1)) != pos:
         return f"Content-Range {resp.headers.get('Content-Range')!r} for a range from {pos}"
     if match.group(3) != "*" and int(match.group(3)) != size:
