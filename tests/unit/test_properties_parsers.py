@@ -7,7 +7,7 @@ import json
 import string
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from shoal.content.model import Descriptor
@@ -15,7 +15,13 @@ from shoal.oci import mediatypes as mt
 from shoal.oci.digest import Digest
 from shoal.oci.errors import DigestInvalid, NameInvalid, RangeInvalid, RegistryError
 from shoal.oci.manifest import children
-from shoal.oci.names import Reference, make_reference, parse_registry_host, parse_repository
+from shoal.oci.names import (
+    Reference,
+    is_tag,
+    make_reference,
+    parse_registry_host,
+    parse_repository,
+)
 from shoal.oci.ranges import parse_range
 from shoal.registry.middleware import namespace_header
 from shoal.upstream.challenge import parse_challenges
@@ -43,13 +49,26 @@ def digests(draw: st.DrawFn) -> str:
     return f"{algorithm}:" + draw(st.text("0123456789abcdef", min_size=length, max_size=length))
 
 
-@given(ANY)
+@given(ANY | COMPONENT.map(lambda c: c + "\n"))
+@example("team/app\n")  # re's $ matches before a final newline
 def test_repository_names(text: str) -> None:
     try:
         name = parse_repository(text)
     except NameInvalid:
         return
     assert name == text and len(name) <= 255 and name.isprintable() and "//" not in name
+
+
+@given(
+    ANY
+    | st.from_regex(r"\A[A-Za-z0-9_][A-Za-z0-9._-]{0,130}\Z", fullmatch=True).map(
+        lambda t: t + ("\n" if len(t) % 2 else "")
+    )
+)
+@example("v1\n")
+def test_tags(text: str) -> None:
+    if is_tag(text):  # what becomes part of an image name, a DHT key and an upstream URL
+        assert text.isprintable() and 0 < len(text) <= 128 and "/" not in text
 
 
 @given(st.lists(COMPONENT, min_size=1, max_size=5).map("/".join))
