@@ -1,4 +1,6 @@
-"""The `shoal` command: `run` the daemon, `configure` / `cleanup` containerd's hosts directory."""
+"""The `shoal` command: `run` the daemon, `configure` / `cleanup` containerd's hosts directory;
+for operators, `status` of a node or the cluster, `load` an image archive into the node's
+containerd, and `preheat` an image on some nodes before a rollout."""
 
 from __future__ import annotations
 
@@ -52,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                 default=True,
                 help="let containerd ask shoal what a tag means (capability `resolve`)",
             )
+    from shoal.observe import statuscmd
+
+    status = sub.add_parser("status", help="this node's (or every member's) status as a table")
+    statuscmd.add_arguments(status)
     return parser
 
 
@@ -62,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from shoal.daemon import run_daemon
 
         return run_daemon(Settings.from_namespace(args))
+    if args.command == "status":
+        from shoal.observe import statuscmd
+
+        return statuscmd.main(args)
     from shoal import hostsconfig
 
     if args.command == "configure":

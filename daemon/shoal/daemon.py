@@ -19,6 +19,10 @@ from shoal.fetch.designate import Designation
 from shoal.fetch.imageorder import OrderedFetches
 from shoal.fetch.sharing import SharedFetches
 from shoal.fetch.spool import Spool
+from shoal.observe.facts import NodeParts
+from shoal.observe.recorder import LastProblem, Recorder
+from shoal.observe.routes import add_status_routes
+from shoal.observe.timing import TimedLookup, TimedTags
 from shoal.oci.digest import Digest
 from shoal.registry.app import make_app
 from shoal.registry.transfer import PeerTransfer
@@ -90,7 +94,10 @@ class Daemon:
             content_root=settings.content_root or None,
         )
         self.router: Router = make_router(settings, split_host_port(settings.listen)[1])
-        self.peers = PeerSource(self.router)
+        self.peers = PeerSource(TimedLookup(self.router))
+        self.recorder = Recorder()
+        self.problems = LastProblem()
+        self.containerd_version = ""
         self.transfer = PeerTransfer(
             redirect=settings.peer_transfer == "redirect",
             relay_timeout=self.peers.settings.read_timeout,
@@ -123,6 +130,8 @@ class Daemon:
         version = await self.client.version()
         root = await self.client.content_root()
         self.containerd_ok = True
+        self.containerd_version = version
+        logging.getLogger("shoal").addHandler(self.problems)
         log.info(
             "containerd %s, namespace %s, content %s",
             version,
@@ -158,16 +167,19 @@ class Daemon:
             [local, inflight, self.peers, fetcher(True)],
             peer_sources=[local, inflight],
             fetch_sources=[local, inflight, fetcher(False)],
-            tags=TagPolicy(self.settings.tag_policy, self.upstream),
+            tags=TimedTags(TagPolicy(self.settings.tag_policy, self.upstream)),
         )
         # The registry first: bootstrap of other nodes asks it for this node's peer ID.
         app = make_app(
-            chain, p2p_info=lambda: self.router.node_info().to_json(), transfer=self.transfer
+            chain,
+            p2p_info=lambda: self.router.node_info().to_json(),
+            transfer=self.transfer,
+            recorder=self.recorder,
         )
         await self._serve(app, self.settings.listen, "registry")
-        await self._serve(
-            health_app(self.ready, self.router), self.settings.metrics_listen, "metrics"
-        )
+        health = health_app(self.ready, self.router)
+        add_status_routes(health, self._parts())
+        await self._serve(health, self.settings.metrics_listen, "metrics")
         await self.router.start()
         self.routing_metrics = metrics.watch_routing(self.router.stats)
         self.tasks.append(asyncio.create_task(self.catalog.run(), name="catalog"))
@@ -181,9 +193,31 @@ class Daemon:
         self.runners.append(runner)
         log.info("%s listening on %s", what, address)
 
+    def _parts(self) -> NodeParts:
+        """What the status page shows, as the parts' own accessors."""
+        return NodeParts(
+            ready=self.ready,
+            checks=lambda: {
+                "containerd": self.containerd_ok,
+                "catalog synced": self.catalog.synced.is_set(),
+                "routing": self.router.ready(),
+            },
+            node_info=self.router.node_info,
+            members=self.router.members,
+            advertised=lambda: self.catalog.keys,
+            listen=self.settings.listen,
+            metrics_listen=self.settings.metrics_listen,
+            containerd_version=lambda: self.containerd_version,
+            namespace=self.settings.containerd_namespace,
+            recorder=self.recorder,
+            problems=self.problems,
+        )
+
     async def _gauges(self) -> None:
         while True:
             metrics.PEERS.set(len(self.router.members()))
+            metrics.SPOOL_BYTES.set(self.spool.used)
+            metrics.SPOOL_FETCHES.set(len(self.spool.fetches))
             await asyncio.sleep(2.0)
 
     async def _held_locally(self, digest: Digest) -> bool:
@@ -208,6 +242,7 @@ class Daemon:
         await self.peers.close()
         await self.router.stop()
         await self.client.close()
+        logging.getLogger("shoal").removeHandler(self.problems)
 
 
 async def _main(settings: Settings) -> int:

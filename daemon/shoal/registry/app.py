@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from shoal import metrics
 from shoal.content.model import Source, SourceKind
 from shoal.content.verify import DigestMismatch, verified_chunks
+from shoal.observe.middleware import recording
+from shoal.observe.recorder import Recorder
 from shoal.oci.digest import Digest
 from shoal.oci.errors import BlobUnknown, ManifestUnknown, NameInvalid, Unsupported
 from shoal.oci.mediatypes import MAX_MANIFEST_BYTES, manifest_media_type
@@ -151,13 +154,17 @@ def make_app(
     chain: SourceChain,
     p2p_info: Callable[[], dict[str, Any]] | None = None,
     transfer: PeerTransfer | None = None,
+    recorder: Recorder | None = None,
 ) -> web.Application:
     """The pull API. `p2p_info`, when given, is served at P2P_INFO_PATH: peers that know only
     this node's address learn its libp2p identity there (dns and kubernetes bootstrap).
     `transfer` decides whether containerd is sent to a peer for a blob (default: as the
-    `--peer-transfer` default)."""
+    `--peer-transfer` default). `recorder` is told of every answer (the status page)."""
     registry = Registry(chain, transfer or PeerTransfer())
-    app = web.Application(middlewares=[oci_errors], client_max_size=1024)
+    middlewares: list[Middleware] = [oci_errors]
+    if recorder is not None:
+        middlewares.insert(0, recording(recorder))  # outermost: it sees the final answer
+    app = web.Application(middlewares=middlewares, client_max_size=1024)
     if p2p_info is not None:
         info = p2p_info
 

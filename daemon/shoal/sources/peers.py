@@ -20,6 +20,7 @@ from typing import Protocol
 import aiohttp
 
 from shoal.content.model import READ_BUFSIZE, ContentKind, Delivery, Descriptor, SourceKind
+from shoal.observe.middleware import note_peer
 from shoal.oci.digest import Digest
 from shoal.oci.errors import RegistryError
 from shoal.oci.names import Reference
@@ -143,6 +144,7 @@ class PeerSource:
             size = int(resp.headers["Content-Length"])
         except (KeyError, ValueError):
             return None
+        note_peer(first.address, size)
         # The peer that answered first goes first; the others stay as fallbacks.
         order = [first, *(p for p in peers if p != first)]
         return PeerBlob(self, order, path, ref.registry, size, fetch)
