@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="this node's (or every member's) status as a table")
     statuscmd.add_arguments(status)
+    from shoal.load import command as load
+
+    load.add_arguments(
+        sub.add_parser("load", help="load an image archive into the node's containerd")
+    )
     return parser
 
 
@@ -72,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from shoal.observe import statuscmd
 
         return statuscmd.main(args)
+    if args.command == "load":
+        from shoal.load import command as load
+
+        return load.main(args)
     from shoal import hostsconfig
 
     if args.command == "configure":
