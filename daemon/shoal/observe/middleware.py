@@ -133,4 +133,5 @@ def _pull(
         seconds=seconds,
         peer=peer if source == "peer" else None,
         complete=not cut,
+        client=request.remote or "",
     )

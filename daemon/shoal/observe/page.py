@@ -34,14 +34,18 @@ header h1{font-size:20px;margin:0;font-weight:600}
 header .id{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:12px;opacity:.8}
 main{padding:16px 24px;display:grid;gap:16px;
 grid-template-columns:repeat(auto-fit,minmax(420px,1fr))}
-section{background:#fff;border:1px solid #e2e8f0;border-radius:6px;padding:12px 16px}
+section{background:#fff;border:1px solid #e2e8f0;border-radius:6px;padding:12px 16px;
+min-width:0}
+td{overflow-wrap:anywhere}
 section.wide{grid-column:1/-1}
 h2{font-size:15px;margin:0 0 8px;color:#2d3748}
 table{border-collapse:collapse;width:100%;font-size:13px}
 th,td{text-align:left;padding:3px 8px 3px 0;border-bottom:1px solid #edf2f7;vertical-align:top}
-th{color:#4a5568;font-weight:600}
+th{color:#4a5568;font-weight:600;white-space:nowrap}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
-code,.mono{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:12px}
+code,.mono{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:12px;
+word-break:break-all}
+ul{margin:0;padding-left:18px}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;color:#fff}
 .ready{background:#2f855a}.notready{background:#c53030}
 .src{display:inline-block;padding:0 6px;border-radius:3px;color:#fff;font-size:12px}
@@ -82,7 +86,7 @@ def _table(headers: Sequence[str], rows: Iterable[str], empty: str) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def chart(minutes: Sequence[dict[str, int]], width: int = 720, height: int = 160) -> str:
+def chart(minutes: Sequence[dict[str, int]], width: int = 960, height: int = 180) -> str:
     """Stacked bars of bytes per minute by source over the last hour, as inline SVG. Bytes served
     to peers are drawn as a line: they are part of the sources' bars, not in addition."""
     stacked = [s for s in SERIES if s != "to_peers"]
@@ -91,8 +95,9 @@ def chart(minutes: Sequence[dict[str, int]], width: int = 720, height: int = 160
     plot_w, plot_h = width - left - 8, height - bottom - 8
     slot = plot_w / max(1, len(minutes))
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'role="img" aria-label="bytes by source per minute, last hour">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+        f'width="100%" style="max-width:{width}px" role="img" '
+        'aria-label="bytes by source per minute, last hour">',
         f'<line x1="{left}" y1="{8 + plot_h}" x2="{width - 8}" y2="{8 + plot_h}" '
         'stroke="#a0aec0"/>',
         f'<text x="{left - 6}" y="14" font-size="11" text-anchor="end">'
@@ -134,7 +139,12 @@ def chart(minutes: Sequence[dict[str, int]], width: int = 720, height: int = 160
 def _pull_row(p: dict[str, Any]) -> str:
     what = p["reference"]
     shown = what if not what.startswith("sha256:") else what[:19] + "…"
-    peer = escape(p["peer"]) if p.get("peer") else ""
+    if p.get("peer"):
+        peer = "from " + escape(p["peer"])
+    elif p["asker"] != "containerd" and p.get("client"):
+        peer = "to " + escape(p["client"])
+    else:
+        peer = ""
     how = " (redirect)" if p.get("redirected") else ""
     cut = " cut off" if not p.get("complete", True) else ""
     return (
@@ -174,7 +184,7 @@ def render(facts: dict[str, Any]) -> str:
         "no peers known",
     )
     pulls = _table(
-        ("time", "what", "reference", "bytes", "source", "from", "asked by", "status", "took"),
+        ("time", "what", "reference", "bytes", "source", "peer", "asked by", "status", "took"),
         (_pull_row(p) for p in facts["pulls"]),
         "no pulls yet",
     )
@@ -237,7 +247,8 @@ def render(facts: dict[str, Any]) -> str:
 </tr><tr><th>readiness</th><td>{checks}</td></tr>
 <tr><th>libp2p addresses</th><td><ul>{addrs}</ul></td></tr></table>
 <h2>Last problem</h2>{problem_html}</section>
-<section id="served"><h2>Served since start, by source</h2><div class="cards">{cards}</div>
+<section class="wide" id="served"><h2>Served since start, by source</h2>
+<div class="cards">{cards}</div>
 <h2 style="margin-top:12px">Bytes by source, last hour</h2>{chart(facts["bytes_by_minute"])}
 </section>
 <section class="wide" id="pulls"><h2>Recent pulls</h2>{pulls}</section>

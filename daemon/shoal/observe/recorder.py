@@ -38,6 +38,7 @@ class Pull:
     seconds: float
     peer: str | None = None
     complete: bool = True
+    client: str = ""  # the address that asked
 
     @property
     def redirected(self) -> bool:
