@@ -54,15 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
                 default=True,
                 help="let containerd ask shoal what a tag means (capability `resolve`)",
             )
-    from shoal.observe import statuscmd
-
-    status = sub.add_parser("status", help="this node's (or every member's) status as a table")
-    statuscmd.add_arguments(status)
     from shoal.load import command as load
+    from shoal.observe import statuscmd
+    from shoal.preheat import command as preheat
 
-    load.add_arguments(
-        sub.add_parser("load", help="load an image archive into the node's containerd")
-    )
+    for name, what, module in (
+        ("status", "this node's (or every member's) status as a table", statuscmd),
+        ("load", "load an image archive into the node's containerd", load),
+        ("preheat", "have nodes fetch and keep an image before a rollout", preheat),
+    ):
+        module.add_arguments(sub.add_parser(name, help=what))
     return parser
 
 
@@ -73,14 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from shoal.daemon import run_daemon
 
         return run_daemon(Settings.from_namespace(args))
-    if args.command == "status":
-        from shoal.observe import statuscmd
-
-        return statuscmd.main(args)
-    if args.command == "load":
+    if args.command in ("status", "load", "preheat"):
         from shoal.load import command as load
+        from shoal.observe import statuscmd
+        from shoal.preheat import command as preheat
 
-        return load.main(args)
+        commands = {"status": statuscmd.main, "load": load.main, "preheat": preheat.main}
+        return commands[args.command](args)
     from shoal import hostsconfig
 
     if args.command == "configure":

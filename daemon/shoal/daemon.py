@@ -12,9 +12,11 @@ from typing import Protocol
 from aiohttp import web
 
 from shoal import logs, metrics
-from shoal.catalog import Catalog
+from shoal.catalog import Catalog, node_keys
 from shoal.config import Settings
 from shoal.containerd.client import ContainerdClient
+from shoal.containerd.ingest import IngestClient
+from shoal.content.model import Source
 from shoal.fetch.designate import Designation
 from shoal.fetch.imageorder import OrderedFetches
 from shoal.fetch.sharing import SharedFetches
@@ -24,6 +26,8 @@ from shoal.observe.recorder import LastProblem, Recorder
 from shoal.observe.routes import add_status_routes
 from shoal.observe.timing import TimedLookup, TimedTags
 from shoal.oci.digest import Digest
+from shoal.preheat.admin import HOLD_PATH, Coordinator, PreheatedStore, admin_routes, hold
+from shoal.preheat.keeper import Keeper
 from shoal.registry.app import make_app
 from shoal.registry.transfer import PeerTransfer
 from shoal.routing.base import Peer, Router
@@ -88,7 +92,8 @@ def health_app(ready: Callable[[], bool], router: RoutingView) -> web.Applicatio
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.client = ContainerdClient(
+        # The write side too: preheated images are written into the node's store.
+        self.client = IngestClient(
             settings.containerd_socket,
             namespace=settings.containerd_namespace,
             content_root=settings.content_root or None,
@@ -107,7 +112,9 @@ class Daemon:
             self.router,
             settings.resync_interval,
             state_file=Path(settings.data_dir) / "advertised.json",
+            read_keys=self._keys,
         )
+        self.keeper: Keeper | None = None
         # The registry and the spool verify every byte already; a third hash would only cost.
         self.upstream = UpstreamSource.from_settings(settings, verify_blobs=False)
         self.store = ContainerdStore(self.client)
@@ -138,7 +145,9 @@ class Daemon:
             self.settings.containerd_namespace,
             root,
         )
-        local = LocalSource(self.store)
+        keeper_sources: list[Source] = []  # filled once the chain exists
+        self.keeper = keeper = Keeper(self.client, _Sources(keeper_sources), on_change=self._resync)
+        local = LocalSource(PreheatedStore(self.store, keeper))
         sharing = SharedFetches(self.spool, self.router)
         inflight = InFlightSource(sharing)
 
@@ -169,21 +178,25 @@ class Daemon:
             fetch_sources=[local, inflight, fetcher(False)],
             tags=TimedTags(TagPolicy(self.settings.tag_policy, self.upstream)),
         )
+        keeper_sources.extend(chain.sources)
         # The registry first: bootstrap of other nodes asks it for this node's peer ID.
         app = make_app(
             chain,
             p2p_info=lambda: self.router.node_info().to_json(),
             transfer=self.transfer,
             recorder=self.recorder,
+            posts={HOLD_PATH: lambda request: hold(request, keeper)},
         )
         await self._serve(app, self.settings.listen, "registry")
         health = health_app(self.ready, self.router)
         add_status_routes(health, self._parts())
+        admin_routes(health, Coordinator(chain, keeper, self._me, self.router.members), keeper)
         await self._serve(health, self.settings.metrics_listen, "metrics")
         await self.router.start()
         self.routing_metrics = metrics.watch_routing(self.router.stats)
         self.tasks.append(asyncio.create_task(self.catalog.run(), name="catalog"))
         self.tasks.append(asyncio.create_task(self._gauges(), name="gauges"))
+        self.tasks.append(asyncio.create_task(keeper.run(), name="preheat"))
 
     async def _serve(self, app: web.Application, address: str, what: str) -> None:
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
@@ -211,7 +224,26 @@ class Daemon:
             namespace=self.settings.containerd_namespace,
             recorder=self.recorder,
             problems=self.problems,
+            preheats=lambda: self.keeper.to_json() if self.keeper else [],
         )
+
+    async def _keys(self, client: ContainerdClient) -> set[str]:
+        """What the node holds, and what it keeps for preheats."""
+        keys = await node_keys(client)
+        return keys | (self.keeper.keys() if self.keeper is not None else set())
+
+    def _resync(self) -> None:
+        """Advertises (or withdraws) what the preheat keeper changed, now."""
+
+        async def sync() -> None:
+            try:
+                await self.catalog.sync()
+            except Exception as exc:  # the periodic resync retries
+                log.warning("catalog sync after a preheat change failed: %s", exc)
+
+        task = asyncio.ensure_future(sync())
+        self.tasks.append(task)
+        task.add_done_callback(lambda t: self.tasks.remove(t) if t in self.tasks else None)
 
     async def _gauges(self) -> None:
         while True:
@@ -235,6 +267,8 @@ class Daemon:
             await runner.cleanup()
         if self.routing_metrics is not None:
             metrics.REGISTRY.unregister(self.routing_metrics)
+        if self.keeper is not None:
+            await self.keeper.close()
         if self.ordered is not None:
             await self.ordered.close()
         await self.spool.close()
@@ -268,3 +302,10 @@ def run_daemon(settings: Settings) -> int:
     except Exception as exc:  # a start-up failure: one clear line, then a non-zero exit
         log.error("shoal failed: %s", exc, exc_info=settings.log_level == "debug")
         return 1
+
+
+class _Sources:
+    """The chain's sources for containerd, for the preheat keeper (made before the chain)."""
+
+    def __init__(self, sources: list[Source]) -> None:
+        self.sources = sources

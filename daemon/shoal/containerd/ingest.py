@@ -219,6 +219,16 @@ class IngestClient(ContainerdClient):
         except ContainerdNotFound:
             pass
 
+    async def add_lease_resource(self, lease_id: str, digest: str) -> None:
+        """Puts committed content under a lease (kept from GC while the lease lives)."""
+        await self._unary(
+            "add lease resource",
+            self._api.leases.AddResource,
+            leases_pb2.AddResourceRequest(
+                id=lease_id, resource=leases_pb2.Resource(id=digest, type="content")
+            ),
+        )
+
     async def list_leases(self, filters: Sequence[str] = ()) -> list[Lease]:
         resp = await self._unary(
             "list leases", self._api.leases.List, leases_pb2.ListRequest(filters=list(filters))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,8 @@ from shoal.registry.transfer import PeerTransfer
 from shoal.sources.chain import SourceChain
 
 log = logging.getLogger("shoal.registry")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _ROUTE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
 
@@ -155,11 +157,13 @@ def make_app(
     p2p_info: Callable[[], dict[str, Any]] | None = None,
     transfer: PeerTransfer | None = None,
     recorder: Recorder | None = None,
+    posts: Mapping[str, Handler] | None = None,
 ) -> web.Application:
     """The pull API. `p2p_info`, when given, is served at P2P_INFO_PATH: peers that know only
     this node's address learn its libp2p identity there (dns and kubernetes bootstrap).
     `transfer` decides whether containerd is sent to a peer for a blob (default: as the
-    `--peer-transfer` default). `recorder` is told of every answer (the status page)."""
+    `--peer-transfer` default). `recorder` is told of every answer (the status page). `posts`:
+    node-to-node POST endpoints by path (`/_shoal/…`), e.g. a preheat request."""
     registry = Registry(chain, transfer or PeerTransfer())
     middlewares: list[Middleware] = [oci_errors]
     if recorder is not None:
@@ -172,6 +176,8 @@ def make_app(
             return web.json_response(info())
 
         app.router.add_get(P2P_INFO_PATH, p2p)
+    for path, post in (posts or {}).items():
+        app.router.add_post(path, post)
     app.router.add_route("*", "/v2", registry.handle)
     app.router.add_route("*", "/v2/{tail:.*}", registry.handle)
     app.router.add_route("*", "/{tail:.*}", not_found)
