@@ -29,7 +29,6 @@ import argparse
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._measure import cpu_seconds, warm_memory
 from tests.harness import images
 from tests.harness.cluster import Cluster, Node
 from tests.harness.cri import cri_pull
@@ -45,20 +45,6 @@ from tests.harness.netns import Network
 from tests.harness.procs import HarnessError, stop_all
 from tests.harness.registry import Registry
 from tests.harness.runtime import ENV, PRIMARY, VERSIONS, choose
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its reaped children, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
-def warm_memory(gib: float) -> None:
-    """Writes `gib` GiB in a child process that then exits: the pages are backed by the host
-    again and free, so the next run's page cache writes cost what they cost on a normal node."""
-    if gib > 0:
-        code = f"b = bytearray(b'w') * {int(gib * (1 << 30))}"
-        subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def fetch_all(nodes: list[Node], ref: str, via_shoal: bool, client: str) -> list[float]:

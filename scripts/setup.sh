@@ -31,3 +31,9 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+
+# Go programs tests build from their Go modules (tests/harness/gotools.py holds the versions):
+# the OCI conformance suite. Without Go, tests/e2e/test_conformance.py skips and says so.
+if command -v go >/dev/null 2>&1 || [ -x /usr/local/go/bin/go ]; then
+  .venv/bin/python -m tests.harness.gotools conformance >/dev/null
+fi
