@@ -4,7 +4,8 @@ Keys are every digest of every image the node holds (index, the manifests presen
 layers) and every tag as `<registry>/<repo>:<tag>` (containerd's image name). The catalog is
 rebuilt in full at start, after image events (debounced), after every event-stream break, and
 on a timer (containerd 1.6 publishes no event when content is added). Only differences are sent
-to the router: new keys advertised, vanished keys withdrawn.
+to the router: new keys advertised, vanished keys withdrawn. Digests `shoal.integrity`
+quarantined are withdrawn at once and left out until their quarantine is lifted.
 
 The advertised set is also kept on disk: a shoal that was killed and restarted withdraws what
 its earlier run advertised but the node no longer holds, instead of leaving those records to
@@ -79,6 +80,7 @@ class Catalog:
         self.read_keys = read_keys
         self.state_file = state_file
         self.keys: set[str] = set()
+        self.excluded: set[str] = set()  # quarantined digests: never advertised (`exclude`)
         self._leftover = self._load()  # withdrawn at the first sync unless still held
         self._dirty = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -88,7 +90,7 @@ class Catalog:
         async with self._lock:
             if self._leftover:
                 await self._router_ready()
-            keys = await self.read_keys(self.client)
+            keys = await self.read_keys(self.client) - self.excluded
             added, removed = keys - self.keys, (self.keys | self._leftover) - keys
             self._leftover = set()
             if removed:
@@ -103,6 +105,21 @@ class Catalog:
             if added or removed:
                 log.info("catalog: %d keys (+%d, -%d)", len(keys), len(added), len(removed))
                 log.debug("catalog: added %s, removed %s", sorted(added), sorted(removed))
+
+    async def exclude(self, key: str) -> None:
+        """Withdraws `key` at once, and keeps it out of every later sync until `include`."""
+        self.excluded.add(key)
+        async with self._lock:
+            if key in self.keys:
+                self.keys.discard(key)
+                self._save()
+                metrics.ADVERTISED.set(len(self.keys))
+        await self.router.withdraw([key])
+
+    def include(self, key: str) -> None:
+        """`key` may be advertised again: the next sync (soon) does it if the node holds it."""
+        self.excluded.discard(key)
+        self._dirty.set()
 
     async def _router_ready(self, timeout: float = 30.0) -> None:
         """A withdrawal sent before the router knows any peer reaches nobody: wait a little."""
