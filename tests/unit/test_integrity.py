@@ -159,7 +159,8 @@ async def test_a_file_changed_since_it_was_verified_is_hashed_and_quarantined(
     node.flip()  # identity moved: hashed again while sent, the end held back
     before = node.quarantines("serving")
     with caplog.at_level(logging.WARNING, logger="shoal.integrity"):
-        assert await node.get() == (200, None)  # cut: containerd never commits it
+        # Cut, both (they share one hashing pass): containerd never commits it.
+        assert await asyncio.gather(node.get(), node.get()) == [(200, None), (200, None)]
         await settled(node)
         for _ in range(3):  # from now on a miss: containerd and peers go elsewhere
             status, body = await node.get()
@@ -228,7 +229,9 @@ def test_the_ledger_round_trips_and_an_unreadable_one_trusts_nothing(tmp_path: P
     assert loaded.is_verified(ident, "sha256:" + "a" * 64)
     assert loaded.quarantined_identity("sha256:" + "b" * 64) == ident
     assert loaded.is_quarantined("sha256:" + "c" * 64)
-    for garbage in (b"{", b'{"version": 1}', b'{"version": 1, "verified": [["x"]]}', b"\xff"):
+    other_version = path.read_bytes().replace(b'"version":1', b'"version":99')
+    broken_states = (b"{", b'{"version": 1}', b'{"version": 1, "verified": [["x"]]}', b"\xff")
+    for garbage in (*broken_states, other_version):
         path.write_bytes(garbage)
         broken = Ledger(path)
         assert broken.verified() == [] and broken.quarantined() == []
