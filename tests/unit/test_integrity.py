@@ -271,3 +271,19 @@ async def test_the_scrub_forgets_vanished_files_and_keeps_good_ones(node: Node) 
     node.path.unlink()
     await scrub.scrub(again)
     assert ledger.verified_entry(str(DIGEST)) is None and not ledger.is_quarantined(str(DIGEST))
+
+
+async def test_a_quarantined_file_that_vanished_is_forgotten_and_its_next_copy_advertised(
+    node: Node,
+) -> None:
+    assert await node.get() == (200, LAYER)
+    node.flip()
+    assert (await node.get())[1] is None
+    await settled(node)
+    node.path.unlink()  # the image was removed: containerd's GC took the bad file
+    scrub = Scrub(node.integrity, lambda d: str(node.store.root / d.hex), ScrubSettings())
+    await scrub.look_at_quarantined()
+    node.path.write_bytes(LAYER)  # and pulled again
+    await node.catalog.sync()
+    assert await node.advertised()
+    assert await node.get() == (200, LAYER)

@@ -116,8 +116,7 @@ class Integrity:
         try:
             fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            self.ledger.lift(key)  # nothing left to serve wrongly; a new copy is hashed anew
-            metrics.QUARANTINED_DIGESTS.set(len(self.ledger.quarantined()))
+            self.lift(digest, None)  # nothing left to serve wrongly; a new copy is hashed anew
             return
         except OSError:
             return
@@ -140,13 +139,15 @@ class Integrity:
             return
         self.lift(digest, identity)
 
-    def lift(self, digest: Digest, identity: FileIdentity) -> None:
-        """A file with `identity` matched `digest`: served and advertised again."""
+    def lift(self, digest: Digest, identity: FileIdentity | None) -> None:
+        """A file with `identity` matched `digest` (None: the bad file is gone): served and
+        advertised again once the node holds it."""
         key = str(digest)
         self.ledger.lift(key)
-        self.ledger.record(identity, key)
         metrics.QUARANTINED_DIGESTS.set(len(self.ledger.quarantined()))
-        log.info("quarantine of %s lifted: the node holds a new copy that matches", key)
+        if identity is not None:
+            self.ledger.record(identity, key)
+            log.info("quarantine of %s lifted: the node holds a new copy that matches", key)
         if self.advertised is not None:
             self.advertised.include(key)
 
