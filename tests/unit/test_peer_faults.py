@@ -19,16 +19,19 @@ from yarl import URL
 from shoal import metrics
 from shoal.integrity.guard import Integrity
 from shoal.oci.digest import Digest
+from shoal.oci.names import Reference
 from shoal.registry.protocol import PEER_HEADER
 from shoal.routing import Peer
 from shoal.sources.holders import Holders
 from shoal.sources.local import LocalSource
+from shoal.sources.peers import PeerSource
 from tests.fakes.images import LAYER, NS
 from tests.fakes.store import FileStore
 from tests.unit.peer_cluster import Cluster, get
 
 DIGEST = Digest.of(LAYER)
 PATH = f"/v2/team/app/blobs/{DIGEST}"
+REF = Reference(registry=None, repository="team/app")
 
 
 @pytest.fixture
@@ -295,3 +298,24 @@ def test_a_restart_from_zero_soon_after_redirects_blames_their_holders() -> None
     now[0] = 100.0  # too long ago to tell
     holders.asked(key, 0)
     assert holders.order(key, [a, b]) == [b, a]
+
+
+async def test_a_lookup_still_walking_does_not_hold_up_a_request_once_a_holder_is_known(
+    cluster: Cluster,
+) -> None:
+    """A walk waiting on a stopped node (its query deadline) must not delay every request:
+    once one holder is known, the request goes ahead with it."""
+    good = FakeHolder()
+    peer = await holder_node(cluster, "good", good)
+
+    class Walking:
+        async def lookup(self, key: str, limit: int = 3) -> AsyncIterator[Peer]:
+            yield peer
+            await asyncio.Event().wait()  # still asking a node that does not answer
+
+    source = PeerSource(Walking())
+    try:
+        blob = await asyncio.wait_for(source.find(REF, DIGEST, "blob"), 30)
+        assert blob is not None and blob.size == len(LAYER)
+    finally:
+        await source.close()

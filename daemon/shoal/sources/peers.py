@@ -11,6 +11,7 @@ costs one lookup; the registry then answers 404 at once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -53,9 +54,18 @@ class ProviderLookup(Protocol):
 @dataclass
 class PeerSettings:
     max_peers: int = 3  # providers asked per key
+    # Once one holder is known, the lookup gets this long to name more: a walk waiting on a
+    # stopped node must not hold up every request for the node's whole query deadline.
+    lookup_grace: float = 0.25
     hedge_after: float = 0.25  # seconds before asking the next peer too
     negative_ttl: float = 2.0  # how long "no peer has it" is remembered
     deadlines: Deadlines = field(default_factory=Deadlines)  # each holder's answer and body
+
+
+async def aclose(it: AsyncIterator[object]) -> None:
+    close = getattr(it, "aclose", None)
+    if close is not None:
+        await close()
 
 
 class PeerSource:
@@ -177,7 +187,20 @@ class PeerSource:
         self._misses[key] = time.monotonic() + self.settings.negative_ttl
 
     async def _peers(self, key: str) -> list[Peer]:
-        return [p async for p in self.router.lookup(key, self.settings.max_peers)]
+        found: list[Peer] = []
+        lookup = self.router.lookup(key, self.settings.max_peers)
+        try:
+            async with asyncio.timeout(None) as grace:
+                async for peer in lookup:
+                    found.append(peer)
+                    if grace.when() is None:
+                        loop = asyncio.get_running_loop()
+                        grace.reschedule(loop.time() + self.settings.lookup_grace)
+        except TimeoutError:
+            pass  # enough to start with
+        finally:
+            await aclose(lookup)
+        return found
 
     async def _first(
         self,
