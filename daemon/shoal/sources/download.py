@@ -71,6 +71,7 @@ class PeerDownload:
     ns: str | None
     size: int
     fetch: bool = False  # asked of the peer as the cluster's designated fetcher
+    patience: float | None = None  # for its answer, if not `header_timeout`
     source: SourceKind = SourceKind.PEER
     contributors: list[str] = field(default_factory=list)  # who sent the last read's bytes
 
@@ -130,7 +131,7 @@ class PeerDownload:
             headers["Range"] = f"bytes={pos}-{end - 1}"
         url = peer_url(peer.address, self._blob_path, self.ns)
         d = self.link.deadlines
-        async with asyncio.timeout(d.header_timeout):
+        async with asyncio.timeout(self.patience or d.header_timeout):
             resp = await self.link.session.get(url, headers=headers)
         try:
             if resp.status not in (200, 206) or (pos > 0 and resp.status != 206):

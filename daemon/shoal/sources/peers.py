@@ -167,7 +167,7 @@ class PeerSource:
             return None
         # The peer that answered first goes first; the others stay as fallbacks.
         order = [first, *(p for p in peers if p != first)]
-        return PeerDownload(self, digest, order, path, ref.registry, size, fetch)
+        return PeerDownload(self, digest, order, path, ref.registry, size, fetch, patience)
 
     # -- helpers ---------------------------------------------------------------------------------
 
