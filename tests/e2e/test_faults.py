@@ -337,6 +337,27 @@ def test_containerd_restarted_mid_pull(soak: Soak) -> None:
         check_pulled(soak, outcome)
 
 
+def test_the_scrub_quarantines_a_changed_file_nobody_asked_for(soak: Soak) -> None:
+    """The daemon's scrub on its own (every 3 s here): node 1's file changed after it was on
+    record; it is withdrawn without any request for it. (Rot that leaves the file's identity
+    as it was cannot be made from here: the unit tests fake that identity.)"""
+    n1, _, n3 = soak.nodes
+    n1.shoal.stop()  # type: ignore[union-attr]
+    soak.cluster.start_shoal(n1, "--scrub-interval", "3")
+    try:
+        holding(n1, soak, direct=True)
+        served_once(n1, soak)
+        advertised_by(soak, n1)
+        before = n1.metric("shoal_quarantined_total", found_by="scrub")
+        flip_byte(n1, soak)
+        wait_until(lambda: n1.metric("shoal_quarantined_total", found_by="scrub") > before,
+                   60, "the scrub quarantined it")  # fmt: skip
+        wait_until(lambda: n1.ns.ip not in n3.providers(soak.layer), 30, "node 1 withdrawn")
+    finally:
+        n1.shoal.stop()  # type: ignore[union-attr]
+        soak.cluster.start_shoal(n1)
+
+
 def test_no_tracebacks_in_any_log(soak: Soak) -> None:
     """Expected conditions (a holder gone, bytes that did not match) are one line each."""
     for node in soak.nodes:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from shoal import metrics
 from shoal.catalog import Catalog
 from shoal.integrity.guard import Integrity
 from shoal.integrity.identity import FileIdentity, identity_of
-from shoal.integrity.ledger import Ledger
+from shoal.integrity.ledger import Ledger, keep_saved
 from shoal.integrity.scrub import Scrub, ScrubSettings
 from shoal.oci.digest import Digest
 from shoal.registry.app import make_app
@@ -287,3 +288,20 @@ async def test_a_quarantined_file_that_vanished_is_forgotten_and_its_next_copy_a
     await node.catalog.sync()
     assert await node.advertised()
     assert await node.get() == (200, LAYER)
+
+
+async def test_the_ledger_is_written_out_while_it_changes_and_once_more_at_shutdown(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "verified.json"
+    ledger = Ledger(path)
+    saver = asyncio.ensure_future(keep_saved(ledger, every=0.01))
+    ledger.record(FileIdentity(1, 1, 1, 1, 1), "sha256:" + "a" * 64)
+    async with asyncio.timeout(30):
+        while not Ledger(path).verified():  # noqa: ASYNC110 - polling the file on disk
+            await asyncio.sleep(0.01)
+    ledger.quarantine("sha256:" + "b" * 64, None)
+    saver.cancel()  # before its next turn: the shutdown write keeps it
+    with contextlib.suppress(asyncio.CancelledError):
+        await saver
+    assert Ledger(path).is_quarantined("sha256:" + "b" * 64)
