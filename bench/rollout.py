@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python bench/rollout.py [--mib 128] [--nodes 8] [--rate 200mbit] [--client cri]
         [--peer-transfer relay] [--warm-gib 4] [--shoal-arg=--ordered-streams=0 ...]
+        [--containerd 2.3.7]      (or SHOAL_CONTAINERD=<version>; see tests/harness/runtime.py)
 
 Four runs in one go, each on fresh containerd stores, printed side by side:
 - direct:       every node fetches straight from the registry (no shoal);
@@ -28,7 +29,6 @@ import argparse
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,26 +37,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._measure import cpu_seconds, warm_memory
 from tests.harness import images
 from tests.harness.cluster import Cluster, Node
 from tests.harness.cri import cri_pull
 from tests.harness.netns import Network
 from tests.harness.procs import HarnessError, stop_all
 from tests.harness.registry import Registry
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its reaped children, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
-def warm_memory(gib: float) -> None:
-    """Writes `gib` GiB in a child process that then exits: the pages are backed by the host
-    again and free, so the next run's page cache writes cost what they cost on a normal node."""
-    if gib > 0:
-        code = f"b = bytearray(b'w') * {int(gib * (1 << 30))}"
-        subprocess.run([sys.executable, "-c", code], check=True)
+from tests.harness.runtime import ENV, PRIMARY, VERSIONS, choose
 
 
 def fetch_all(nodes: list[Node], ref: str, via_shoal: bool, client: str) -> list[float]:
@@ -113,7 +101,13 @@ def main() -> int:
         "--shoal-arg", action="append", default=[],
         help="extra `shoal run` argument, e.g. --shoal-arg=--ordered-streams=0",
     )  # fmt: skip
+    parser.add_argument(
+        "--containerd", choices=VERSIONS, default=None,
+        help=f"containerd version (default ${ENV}, else {PRIMARY})",
+    )  # fmt: skip
     args = parser.parse_args()
+    runtime = choose(args.containerd)
+    print(f"containerd {runtime.version} ({runtime.bin_dir})")
 
     base = Path(tempfile.mkdtemp(prefix="shoal-rollout-"))
     net = Network("rollout").create()

@@ -1,6 +1,7 @@
 """shoal against docker-registry serving the same content, side by side, printed as ratios.
 
     .venv/bin/python bench/serve_vs_registry.py [--blob-mib 256] [--rounds 5] [--heads 400]
+        [--containerd 2.3.7]      (or SHOAL_CONTAINERD=<version>; see tests/harness/runtime.py)
 
 Both servers hold the same image: docker-registry (distribution 2.8) from its filesystem store,
 shoal from a real containerd's content store the image was pulled into. Runs alternate between
@@ -32,6 +33,7 @@ from tests.harness import images
 from tests.harness.containerd import ContainerdNode
 from tests.harness.procs import stop_all
 from tests.harness.registry import Registry
+from tests.harness.runtime import ENV, PRIMARY, VERSIONS, choose
 from tests.harness.shoal import ShoalDaemon
 
 
@@ -80,7 +82,13 @@ def main() -> int:
     parser.add_argument("--blob-mib", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--heads", type=int, default=400)
+    parser.add_argument(
+        "--containerd", choices=VERSIONS, default=None,
+        help=f"containerd version (default ${ENV}, else {PRIMARY})",
+    )  # fmt: skip
     args = parser.parse_args()
+    runtime = choose(args.containerd)
+    print(f"containerd {runtime.version} ({runtime.bin_dir})")
 
     base = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
     try:

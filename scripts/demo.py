@@ -11,7 +11,8 @@ over their libp2p DHT.
    each other) in the DHT and sends containerd there for the layers; the serving shoal verifies
    every byte against its digest before a response completes.
 
-Run it with `sudo ./scripts/demo` (installs what is missing first). Traffic stays inside network
+Run it with `sudo ./scripts/demo` (installs what is missing first); containerd is 2.3.7 unless
+SHOAL_CONTAINERD names another version (tests/harness/runtime.py). Traffic stays inside network
 namespaces the demo creates; every process and namespace is removed at the end.
 """
 
@@ -30,6 +31,7 @@ from tests.harness.cluster import Cluster, Node, wait_until
 from tests.harness.netns import Network
 from tests.harness.procs import stop_all
 from tests.harness.registry import Registry
+from tests.harness.runtime import selected
 
 
 def say(text: str) -> None:
@@ -56,7 +58,8 @@ def main() -> int:
         ref = images.push(image, registry, "demo/app", "v1")
         print(f"    {ref}  ({image.total_size / 1e6:.1f} MB, manifest {image.digest[:19]}…)")
 
-        say("three nodes, each with its own address, containerd and shoal")
+        version = selected().version
+        say(f"three nodes, each with its own address, containerd {version} and shoal")
         mirrored = ["--mirror-registries", registry.host, "--upstream-insecure", registry.host]
         cluster = Cluster(net, base, registry, shoal_args=mirrored)
         for i in range(3):

@@ -3,9 +3,15 @@
 Keys are every digest of every image the node holds (index, the manifests present, configs,
 layers) and every tag as `<registry>/<repo>:<tag>` (containerd's image name). The catalog is
 rebuilt in full at start, after image events (debounced), after every event-stream break, and
-on a timer (containerd 1.6 publishes no event when content is added). Only differences are sent
+on a timer (containerd 1.x publishes no event when content is added). Only differences are sent
 to the router: new keys advertised, vanished keys withdrawn. Digests `shoal.integrity`
 quarantined are withdrawn at once and left out until their quarantine is lifted.
+
+containerd 2.1+ publish /content/create when a blob is committed. Its digest is advertised at
+once (debounced), before any image names it: during a rollout, the layers a node has finished
+are what the others can fetch from it while its pull goes on, and a committed blob is served
+like any other (shoal serves content by digest, whatever image it belongs to). Such digests stay
+advertised while containerd holds them; full rebuilds check that, until an image covers them.
 
 The advertised set is also kept on disk: a shoal that was killed and restarted withdraws what
 its earlier run advertised but the node no longer holds, instead of leaving those records to
@@ -18,12 +24,14 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
 from shoal import metrics
 from shoal.containerd.client import ContainerdClient
+from shoal.containerd.events import CONTENT_CREATE
 from shoal.containerd.model import ContainerdError, Event
 from shoal.containerd.watch import watch
 
@@ -65,6 +73,11 @@ async def node_keys(client: ContainerdClient) -> set[str]:
     return keys
 
 
+async def committed(client: ContainerdClient, digest: str) -> bool:
+    """Whether containerd still holds the blob."""
+    return await client.info(digest) is not None
+
+
 class Catalog:
     def __init__(
         self,
@@ -73,15 +86,20 @@ class Catalog:
         resync_interval: float,
         read_keys: Callable[[ContainerdClient], Awaitable[set[str]]] = node_keys,
         state_file: Path | None = None,
+        holds: Callable[[ContainerdClient, str], Awaitable[bool]] = committed,
     ) -> None:
         self.client = client
         self.router = router
         self.resync_interval = resync_interval
         self.read_keys = read_keys
+        self.holds = holds
         self.state_file = state_file
         self.keys: set[str] = set()
         self.excluded: set[str] = set()  # quarantined digests: never advertised (`exclude`)
         self._leftover = self._load()  # withdrawn at the first sync unless still held
+        self._committed: set[str] = set()  # from /content/create, not yet part of an image
+        self._full = False  # whether the next rebuild must re-read everything
+        self._synced_at = time.monotonic()
         self._dirty = asyncio.Event()
         self._lock = asyncio.Lock()
         self.synced = asyncio.Event()
@@ -90,7 +108,10 @@ class Catalog:
         async with self._lock:
             if self._leftover:
                 await self._router_ready()
-            keys = await self.read_keys(self.client) - self.excluded
+            self._synced_at = time.monotonic()
+            keys = await self.read_keys(self.client)
+            keys |= await self._still_committed(keys)
+            keys -= self.excluded
             added, removed = keys - self.keys, (self.keys | self._leftover) - keys
             self._leftover = set()
             if removed:
@@ -106,6 +127,26 @@ class Catalog:
                 log.info("catalog: %d keys (+%d, -%d)", len(keys), len(added), len(removed))
                 log.debug("catalog: added %s, removed %s", sorted(added), sorted(removed))
 
+    async def _still_committed(self, image_keys: set[str]) -> set[str]:
+        """Committed blobs no image names yet (a pull under way) that containerd still holds."""
+        self._committed -= image_keys
+        for digest in list(self._committed):
+            if not await self.holds(self.client, digest):
+                self._committed.discard(digest)
+        return set(self._committed)
+
+    async def add_committed(self) -> None:
+        """Advertises the blobs containerd reported committed, without re-reading the store."""
+        async with self._lock:
+            added = self._committed - self.keys - self.excluded
+            if not added:
+                return
+            await self.router.advertise(added)
+            self.keys |= added
+            self._save()
+            metrics.ADVERTISED.set(len(self.keys))
+            log.info("catalog: %d keys (+%d committed)", len(self.keys), len(added))
+
     async def exclude(self, key: str) -> None:
         """Withdraws `key` at once, and keeps it out of every later sync until `include`."""
         self.excluded.add(key)
@@ -119,6 +160,7 @@ class Catalog:
     def include(self, key: str) -> None:
         """`key` may be advertised again: the next sync (soon) does it if the node holds it."""
         self.excluded.discard(key)
+        self._full = True  # a full rebuild: the key may belong to an image
         self._dirty.set()
 
     async def _router_ready(self, timeout: float = 30.0) -> None:
@@ -149,6 +191,10 @@ class Catalog:
             log.warning("cannot record advertised keys in %s: %s", self.state_file, exc)
 
     async def _on_event(self, event: Event) -> None:
+        if event.topic == CONTENT_CREATE and event.digest:
+            self._committed.add(event.digest)
+        else:
+            self._full = True
         self._dirty.set()
 
     async def _on_resync(self) -> None:
@@ -156,16 +202,20 @@ class Catalog:
 
     async def _rebuild_loop(self) -> None:
         while True:
+            # Content events are frequent and need no full rebuild: the timer is not reset by them.
+            left = self.resync_interval - (time.monotonic() - self._synced_at)
             try:
-                await asyncio.wait_for(self._dirty.wait(), self.resync_interval)
+                await asyncio.wait_for(self._dirty.wait(), max(left, 0))
                 await asyncio.sleep(DEBOUNCE)
             except TimeoutError:
-                pass
+                self._full = True
+            full, self._full = self._full, False
             self._dirty.clear()
             try:
-                await self.sync()
+                await (self.sync() if full else self.add_committed())
             except ContainerdError as exc:
                 log.warning("catalog sync failed, retrying: %s", exc)
+                self._full = True
                 self._dirty.set()
                 await asyncio.sleep(1)
 

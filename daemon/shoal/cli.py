@@ -28,7 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("cleanup", "restore the hosts directory exactly as it was before `configure`"),
     ):
         cmd = sub.add_parser(name, help=what)
-        cmd.add_argument("--hosts-dir", default=DEFAULT_HOSTS_DIR, help="containerd's config_path")
+        cmd.add_argument(
+            "--hosts-dir",
+            default=DEFAULT_HOSTS_DIR,
+            help="containerd's config_path; of a `:`-separated list, the first directory is used",
+        )
         if name == "configure":
             cmd.add_argument(
                 "--mirror",

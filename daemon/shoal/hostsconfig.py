@@ -4,6 +4,11 @@
 already listed stay behind shoal, and its `server` is kept. Before touching anything it records,
 in `<dir>/.shoal-backup/`, the exact bytes of every file it replaces (or that there was none), so
 `cleanup` restores the directory byte for byte. Running `configure` again keeps the first backup.
+
+containerd's `config_path` may list several directories separated by `:` (EKS ships
+`/etc/containerd/certs.d:/etc/docker/certs.d`). For each registry, containerd's local pull uses
+the first directory that has a `<host>/` or `_default/` entry, so both commands act on the first
+directory: what shoal writes there wins, and the others are left alone.
 """
 
 from __future__ import annotations
@@ -19,6 +24,14 @@ BACKUP_DIR = ".shoal-backup"
 MARKER = "# Written by shoal; `shoal cleanup` restores the previous configuration.\n"
 DEFAULT = "_default"
 _SERVERS = {"docker.io": "https://registry-1.docker.io"}
+
+
+def primary_dir(config_path: str) -> str:
+    """The directory of a `config_path` (`a` or `a:b:…`) that containerd looks in first."""
+    first = next((p for p in config_path.split(":") if p), "")
+    if not first:
+        raise ValueError(f"no directory in config_path {config_path!r}")
+    return first
 
 
 def parse_registry_spec(spec: str) -> tuple[str, str | None]:
@@ -99,7 +112,7 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 def configure(hosts_dir: str, mirror: str, registries: list[str], *, resolve: bool = True) -> None:
-    root = Path(hosts_dir)
+    root = Path(primary_dir(hosts_dir))
     created_root = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     backup = root / BACKUP_DIR
@@ -127,7 +140,7 @@ def configure(hosts_dir: str, mirror: str, registries: list[str], *, resolve: bo
 
 
 def cleanup(hosts_dir: str) -> None:
-    root = Path(hosts_dir)
+    root = Path(primary_dir(hosts_dir))
     backup = root / BACKUP_DIR
     state_file = backup / "state.json"
     if not state_file.exists():

@@ -20,9 +20,9 @@ import pytest
 from tests.harness import procs
 from tests.harness.containerd import ContainerdNode
 from tests.harness.netns import Network, cleanup_leftovers
+from tests.harness.runtime import selected
 from tests.harness.upstream import Upstream
 
-E2E_BINARIES = ("containerd", "ctr", "docker-registry", "skopeo")
 NETNS_BINARIES = ("ip", "tc")
 _HERE = Path(__file__).parent
 
@@ -35,6 +35,13 @@ def require_binaries(*names: str) -> None:
     missing = missing_binaries(*names)
     if missing:
         pytest.skip(f"needs {', '.join(missing)} on PATH (scripts/setup.sh installs them)")
+
+
+def require_containerd() -> None:
+    """Skips when the run's containerd is not prepared (an explicit choice fails at start)."""
+    rt = selected()
+    if not rt.available():
+        pytest.skip(rt.missing_reason())
 
 
 def require_netns() -> None:
@@ -125,7 +132,7 @@ NodeFactory = Callable[..., ContainerdNode]
 def node_pool(tmp: Path) -> Iterator[NodeFactory]:
     """`make(name="node", netns=None, **kwargs) -> ContainerdNode` (started); every node made
     is stopped when the block ends. `netns` takes a Namespace or an `ip netns` name."""
-    require_binaries("containerd", "ctr")
+    require_containerd()
     nodes: list[ContainerdNode] = []
 
     def make(name: str = "node", netns: object = None, **kwargs: object) -> ContainerdNode:

@@ -122,9 +122,16 @@ def kubelet_pull(node: Node, ref: str, up: threading.Event | None = None) -> Out
 
 
 def without_image(node: Node, world: Soak) -> None:
-    if world.ref in node.containerd.images() or node.containerd.has_blob(world.layer):
-        node.containerd.remove_all()
-    assert not node.containerd.has_blob(world.layer)
+    cd = node.containerd
+    if world.ref in cd.images() or cd.has_blob(world.layer):
+        cd.remove_all()
+    if cd.has_blob(world.layer):
+        # A pull cut by a containerd restart leaves its lease behind, holding the layer.
+        leases = cd.ctr("leases", "ls", "-q").stdout.split()
+        if leases:
+            cd.ctr("leases", "rm", "--sync", *leases)
+        cd.ctr("content", "rm", world.layer, check=False)
+    assert not cd.has_blob(world.layer)
 
 
 def holding(node: Node, world: Soak, *, direct: bool) -> None:

@@ -18,7 +18,7 @@ from tests.harness.netns import Network, cleanup_leftovers
 from tests.harness.registry import Registry, http_request
 from tests.harness.upstream import Upstream
 
-from .conftest import NodeFactory, node_pool, require_binaries
+from .conftest import NodeFactory, node_pool, require_containerd
 
 
 def _gone(pid: int) -> bool:
@@ -187,7 +187,7 @@ def test_containerd_stop_and_restart(node_factory: NodeFactory, registry: Upstre
 
 
 def test_long_base_dir_gets_short_socket(tmp: Path) -> None:
-    require_binaries("containerd", "ctr")
+    require_containerd()
     deep = tmp / ("d" * 60) / ("e" * 60)
     with ContainerdNode("deep", deep) as node:
         assert len(str(node.socket)) < 100
@@ -296,6 +296,43 @@ def test_node_in_namespace_pulls_from_bridge_registry(
     assert node.images()[ref] == network_registry.digest("multi")
     remotes = {r.remote for r in network_registry.registry.settle()[mark:]}
     assert remotes == {ns.ip}
+
+
+@pytest.mark.netns
+def test_removed_namespace_gives_back_its_name_and_address(network: Network) -> None:
+    a, b = network.add("a"), network.add("b")
+    old_ip, old_veth = a.ip, a.veth_host
+    network.remove("a")
+    assert not Path("/run/netns", a.name).exists()
+    assert not Path("/sys/class/net", old_veth).exists()
+    again = network.add("a")  # a bench makes and removes hundreds of nodes in one /24
+    assert again.ip == old_ip
+    assert again.veth_host not in (old_veth, b.veth_host)
+    srv = b.socket()
+    srv.bind((b.ip, 0))
+    srv.listen(1)
+    assert procs.tcp_open(b.ip, srv.getsockname()[1], netns=again.name)
+    srv.close()
+
+
+@pytest.mark.netns
+def test_port_80_registry_is_named_without_port(
+    network: Network, node_factory: NodeFactory, tmp: Path
+) -> None:
+    """References name real registries without a port, and containerd's distribution-source
+    labels drop it anyway (Spegel matches content to registries by those labels)."""
+    ns = network.add("reg")
+    reg = Registry(tmp / "reg80", host_ip=ns.ip, port=80, netns=ns.name).start()
+    assert (reg.host, reg.addr, reg.url) == (ns.ip, f"{ns.ip}:80", f"http://{ns.ip}")
+    image = images.oci_image("port80")
+    ref = images.push(image, reg, "p/eighty", "v1")
+    assert ref == f"{ns.ip}/p/eighty:v1"
+    node = node_factory("n", netns=network.add("n"))
+    node.pull(ref, via_hosts=False, plain_http=True)
+    assert node.images()[ref] == image.digest
+    labels = node.ctr("content", "ls").stdout
+    assert f"containerd.io/distribution.source.{ns.ip}=p/eighty" in labels
+    reg.stop()
 
 
 @pytest.mark.netns

@@ -75,6 +75,9 @@ def test_nodes_pull_entirely_from_peers(cluster: World) -> None:
         == 200,
         30, "node 2's shoal finds node 1's tag through the DHT",
     )  # fmt: skip
+    manifest = cluster.images["small"].digest
+    wait_until(lambda: n1.ns.ip in n3.providers(manifest), 30,
+               "node 3's shoal finds node 1's manifest through the DHT")  # fmt: skip
     cluster.registry.stop()
     try:
         n2.containerd.pull(cluster.refs["small"])

@@ -81,15 +81,18 @@ class Cluster:
     shoal_args: list[str] = field(default_factory=list)
     nodes: list[Node] = field(default_factory=list)
 
-    def add_node(self, name: str) -> Node:
+    def add_node(self, name: str, *, configure: bool = True) -> Node:
+        """A node; with `configure`, its hosts.toml sends pulls of the registry to its shoal."""
         ns = self.net.add(name)
         cd = ContainerdNode(name, self.base / name, netns=ns.name).start()
         reg = self.registry.host
-        subprocess.run(
-            [sys.executable, "-m", "shoal.cli", "configure", "--hosts-dir", str(cd.hosts_dir),
-             "--mirror", f"http://{ns.ip}:{PORT}", "--registry", f"{reg}=http://{reg}"],
-            check=True,
-        )  # fmt: skip
+        if configure:
+            subprocess.run(
+                [sys.executable, "-m", "shoal.cli", "configure", "--hosts-dir",
+                 str(cd.hosts_dir), "--mirror", f"http://{ns.ip}:{PORT}", "--registry",
+                 f"{reg}=http://{reg}"],
+                check=True,
+            )  # fmt: skip
         node = Node(ns, cd)
         self.nodes.append(node)
         return node

@@ -1,8 +1,9 @@
-"""A private containerd 1.6 daemon per simulated node, optionally inside a network namespace.
+"""A private containerd daemon per simulated node, optionally inside a network namespace.
 
-The CRI plugin stays enabled (shoal's CRI-driven pulls need it) with `registry.config_path`
-pointing at the node's hosts dir and a loopback-only CNI config, so it reports NetworkReady
-without touching the host's /etc/cni.
+The version is the run's choice (tests/harness/runtime.py: SHOAL_CONTAINERD). The CRI plugin
+stays enabled (shoal's CRI-driven pulls need it) with `registry.config_path` pointing at the
+node's hosts dir and a loopback-only CNI config, so it reports NetworkReady without touching the
+host's /etc/cni.
 """
 
 from __future__ import annotations
@@ -14,16 +15,10 @@ import tempfile
 from pathlib import Path
 
 from .procs import HarnessError, Proc, start, unix_socket_open, wait_for
+from .runtime import Runtime, selected
 
-__all__ = ["DISABLED_PLUGINS", "ContainerdNode", "hosts_toml"]
+__all__ = ["ContainerdNode", "hosts_toml"]
 
-# These snapshotters fail to initialise here and only add noise (facts file).
-DISABLED_PLUGINS = [
-    "io.containerd.snapshotter.v1.aufs",
-    "io.containerd.snapshotter.v1.btrfs",
-    "io.containerd.snapshotter.v1.zfs",
-    "io.containerd.snapshotter.v1.devmapper",
-]
 _CNI_BIN_DIRS = ["/usr/lib/cni", "/opt/cni/bin"]
 _MAX_SOCKET_PATH = 100  # sun_path is 108 bytes; keep room for ".ttrpc"
 
@@ -58,7 +53,12 @@ def hosts_toml(
 
 class ContainerdNode:
     """containerd with its own root/state/sockets under `base_dir` (socket in a short temp dir
-    if the path would exceed the unix socket limit)."""
+    if the path would exceed the unix socket limit).
+
+    `runtime`: the containerd version (default: the run's, runtime.selected()). `local_pull`
+    (2.1+): CRI pulls without the transfer service (`use_local_image_pull = true`).
+    `cri_config_path`: the CRI's registry `config_path` (default: `hosts_dir`).
+    """
 
     namespace = "k8s.io"
 
@@ -70,14 +70,17 @@ class ContainerdNode:
         *,
         snapshotter: str = "overlayfs",
         log_level: str = "info",
-        extra_config: str = "",
+        runtime: Runtime | None = None,
+        local_pull: bool = False,
+        cri_config_path: str | None = None,
     ) -> None:
         self.name = name
         self.base_dir = Path(base_dir)
         self.netns = netns
         self.snapshotter = snapshotter
         self.log_level = log_level
-        self.extra_config = extra_config
+        self.runtime = runtime or selected()
+        self.local_pull = local_pull
         self.root = self.base_dir / "root"
         self.state = self.base_dir / "state"
         self.hosts_dir = self.base_dir / "hosts"
@@ -85,6 +88,7 @@ class ContainerdNode:
         self.config_path = self.base_dir / "config.toml"
         self.log_path = self.base_dir / "containerd.log"
         self.content_root = self.root / "io.containerd.content.v1.content"
+        self.cri_config_path = cri_config_path or str(self.hosts_dir)
         self._sock_dir: Path | None = None
         sock = self.base_dir / "sock" / "containerd.sock"
         if len(str(sock)) > _MAX_SOCKET_PATH - 6:
@@ -100,40 +104,18 @@ class ContainerdNode:
 
     def _config(self) -> str:
         cni_bin = next((d for d in _CNI_BIN_DIRS if Path(d, "loopback").exists()), "/usr/lib/cni")
-        q = _toml_str
-        disabled = ", ".join(q(p) for p in DISABLED_PLUGINS)
-        return f"""version = 2
-root = {q(str(self.root))}
-state = {q(str(self.state))}
-disabled_plugins = [{disabled}]
-
-[grpc]
-  address = {q(str(self.socket))}
-
-[ttrpc]
-  address = {q(str(self.socket) + ".ttrpc")}
-
-[debug]
-  level = {q(self.log_level)}
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = {q(str(self.base_dir / "opt"))}
-
-[plugins."io.containerd.grpc.v1.cri".containerd]
-  snapshotter = {q(self.snapshotter)}
-
-[plugins."io.containerd.grpc.v1.cri".registry]
-  config_path = {q(str(self.hosts_dir))}
-
-[plugins."io.containerd.grpc.v1.cri".cni]
-  bin_dir = {q(cni_bin)}
-  conf_dir = {q(str(self.cni_dir))}
-{self.extra_config}
-"""
+        return self.runtime.config(
+            root=self.root, state=self.state, socket=self.socket, log_level=self.log_level,
+            opt_dir=self.base_dir / "opt", snapshotter=self.snapshotter,
+            config_path=self.cri_config_path, cni_bin=cni_bin, cni_dir=self.cni_dir,
+            local_pull=self.local_pull,
+        )  # fmt: skip
 
     def start(self, timeout: float = 20) -> ContainerdNode:
         if self.proc is not None and self.proc.alive():
             return self
+        if not self.runtime.available():
+            raise HarnessError(self.runtime.missing_reason())
         for d in (self.root, self.state, self.hosts_dir, self.cni_dir, self.socket.parent):
             d.mkdir(parents=True, exist_ok=True)
         (self.cni_dir / "10-loopback.conflist").write_text(
@@ -145,10 +127,11 @@ disabled_plugins = [{disabled}]
         self.socket.unlink(missing_ok=True)  # a stale socket would look ready
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.proc = start(
-            ["containerd", "--config", str(self.config_path)],
+            [self.runtime.binary("containerd"), "--config", str(self.config_path)],
             name=f"containerd[{self.name}]",
             log_path=self.log_path,
             netns=self.netns,
+            env=self.runtime.env(),  # the shim is looked up on PATH
         )
         # "booted" is logged once every plugin is loaded and the gRPC server serves.
         wait_for(
@@ -192,7 +175,7 @@ disabled_plugins = [{disabled}]
     ) -> subprocess.CompletedProcess[str]:
         """`ctr -a SOCK -n k8s.io ARGS…`, inside the node's netns (ctr's own pulls fetch from
         the client process, so they must see the node's network)."""
-        cmd = ["ctr", "-a", str(self.socket), "-n", self.namespace, *args]
+        cmd = [self.runtime.binary("ctr"), "-a", str(self.socket), "-n", self.namespace, *args]
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         try:
@@ -214,10 +197,15 @@ disabled_plugins = [{disabled}]
         plain_http: bool = False,
         platform: str | None = None,
         all_platforms: bool = False,
+        all_metadata: bool = False,
         check: bool = True,
         timeout: float = 300,
     ) -> subprocess.CompletedProcess[str]:
         """`ctr images pull` of a full reference (never a short name: ctr would ask DNS).
+
+        ctr 2.x pulls through the transfer service and by default also fetches every other
+        platform's manifest and config; `--skip-metadata` is passed unless `all_metadata`, so
+        every version fetches what CRI does (the node's platform only).
 
         via_hosts: resolve through `hosts_dir` (what CRI does). With hosts.toml for the ref's
         host, its entries decide scheme and order; without one, ctr 1.6 falls back to the host
@@ -233,6 +221,8 @@ disabled_plugins = [{disabled}]
             args += ["--platform", platform]
         if all_platforms:
             args.append("--all-platforms")
+        if self.runtime.at_least(2) and not all_metadata:
+            args.append("--skip-metadata")
         if self.snapshotter != "overlayfs":
             args += ["--snapshotter", self.snapshotter]
         return self.ctr(*args, ref, check=check, timeout=timeout)
@@ -313,4 +303,4 @@ disabled_plugins = [{disabled}]
 
     def __repr__(self) -> str:
         where = f" netns={self.netns}" if self.netns else ""
-        return f"<ContainerdNode {self.name}{where} {self.socket}>"
+        return f"<ContainerdNode {self.name} {self.runtime.version}{where} {self.socket}>"

@@ -302,15 +302,20 @@ def large_image(
     Layers are gzip level 0 (stored blocks): the blob is as big as the data, and building
     128 MiB takes well under a second instead of several.
     """
-    rng = random.Random(seed)
     total = total_mib * 1024 * 1024
     sizes = [total // layers] * layers
     sizes[-1] += total - sum(sizes)
+    return layered_image(sizes, seed=seed, name=name or f"large-{total_mib}m-{seed}")
+
+
+def layered_image(sizes: Sequence[int], *, seed: int = 0, name: str = "layered") -> Image:
+    """OCI image with one layer of about each of `sizes` bytes of incompressible data."""
+    rng = random.Random(seed)
     piece = 64 * 1024 * 1024  # randbytes() cannot make 256 MiB at once
     specs: list[LayerSpec] = [
         b"".join(rng.randbytes(min(piece, n - i)) for i in range(0, n, piece)) for n in sizes
     ]
-    return _build_image(name or f"large-{total_mib}m-{seed}", specs, arch=host_arch(), gzip_level=0)
+    return _build_image(name, specs, arch=host_arch(), gzip_level=0)
 
 
 def write_oci_layout(image: TestImage, directory: Path, tag: str = "latest") -> Path:

@@ -206,6 +206,8 @@ class Network:
         )
         self.namespaces: dict[str, Namespace] = {}
         self._next_host = 2
+        self._next_index = 1  # veth names: never reused while the network lives
+        self._free_ips: list[str] = []  # of removed namespaces
         self._created = False
 
     @property
@@ -251,10 +253,13 @@ class Network:
             raise HarnessError("Network.create() first")
         if name in self.namespaces:
             raise HarnessError(f"namespace {name} exists")
-        if ip is None:
+        if ip is None and self._free_ips:
+            ip = self._free_ips.pop(0)
+        elif ip is None:
             ip = str(self.subnet.network_address + self._next_host)
-        self._next_host += 1
-        ns = Namespace(self, name, ip, len(self.namespaces) + 1)
+            self._next_host += 1
+        ns = Namespace(self, name, ip, self._next_index)
+        self._next_index += 1
         self.namespaces[name] = ns
         try:
             ns.create()
@@ -262,6 +267,12 @@ class Network:
             ns.destroy()
             raise
         return ns
+
+    def remove(self, name: str) -> None:
+        """Destroy namespace `name`; its name and address can be used again."""
+        ns = self.namespaces.pop(name)
+        ns.destroy()
+        self._free_ips.append(ns.ip)
 
     def __getitem__(self, name: str) -> Namespace:
         return self.namespaces[name]

@@ -155,7 +155,13 @@ class Registry:
 
     @property
     def host(self) -> str:
-        """host:port, as used in image references."""
+        """host:port, as used in image references (no port for port 80, as references name
+        real registries; containerd's distribution-source labels drop the port anyway)."""
+        return self.host_ip if self.addr.endswith(":80") else self.addr
+
+    @property
+    def addr(self) -> str:
+        """host:port it listens on."""
         if self.port is None:
             raise HarnessError("registry not started")
         return f"{self.host_ip}:{self.port}"
@@ -174,7 +180,7 @@ class Registry:
                 "delete": {"enabled": True},
                 "maintenance": {"uploadpurging": {"enabled": False}},
             },
-            "http": {"addr": self.host, "secret": "shoal-test-secret"},
+            "http": {"addr": self.addr, "secret": "shoal-test-secret"},
             "health": {"storagedriver": {"enabled": False}},
         }
         if self.auth == "silly":
@@ -212,7 +218,7 @@ class Registry:
             try:
                 # The log line, not a TCP probe: someone else may hold the port.
                 wait_for(
-                    partial(self._logged, log_offset, f'msg="listening on {self.host}"'),
+                    partial(self._logged, log_offset, f'msg="listening on {self.addr}"'),
                     timeout=timeout,
                     what=f"{self.name} on {self.host}",
                     proc=self.proc,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from shoal.catalog import Catalog, tag_key
+from shoal.containerd import Event
 from shoal.routing import Peer
 from tests.fakes.router import MemoryNetwork, MemoryRouter
 
@@ -65,3 +67,119 @@ async def test_only_differences_are_sent_and_a_restart_withdraws_leftovers(tmp_p
     await restarted.sync()
     assert await providers(observer, "sha256:b") == []
     assert await providers(observer, "sha256:a") == ["me"]
+
+
+def content_create(digest: str) -> Event:
+    return Event("/content/create", "k8s.io", "containerd.events.ContentCreate", digest=digest)
+
+
+class Store:
+    """The node's containerd as the catalog sees it: image keys, and which blobs are held."""
+
+    def __init__(self, *image_keys: str) -> None:
+        self.image_keys = set(image_keys)
+        self.blobs: set[str] = set()
+        self.reads = 0
+
+    async def read_keys(self, client: object) -> set[str]:
+        self.reads += 1
+        return set(self.image_keys)
+
+    async def holds(self, client: object, digest: str) -> bool:
+        return digest in self.blobs
+
+
+async def routers() -> tuple[MemoryRouter, MemoryRouter]:
+    net = MemoryNetwork()
+    observer = MemoryRouter(net, Peer("other", "10.0.0.2:30020"))
+    router = MemoryRouter(net, Peer("me", "10.0.0.1:30020"))
+    await observer.start()
+    await router.start()
+    return router, observer
+
+
+async def test_a_committed_blob_is_advertised_before_any_image_names_it() -> None:
+    """containerd 2.1+ reports each committed blob (/content/create): a layer of a pull still
+    under way is advertised without re-reading the store, and stays advertised while
+    containerd holds it, also across full rebuilds that find no image naming it."""
+    router, observer = await routers()
+    store = Store("sha256:old", "reg/old:1")
+    catalog = Catalog(None, router, 3600, read_keys=store.read_keys, holds=store.holds)  # type: ignore[arg-type]
+    await catalog.sync()
+    store.blobs.add("sha256:layer")
+    await catalog._on_event(content_create("sha256:layer"))
+    reads = store.reads
+    await catalog.add_committed()
+    assert await providers(observer, "sha256:layer") == ["me"]
+    assert store.reads == reads  # advertised without a full rebuild
+    await catalog.sync()  # e.g. another image's event: the layer is still held
+    assert await providers(observer, "sha256:layer") == ["me"]
+    store.image_keys |= {"sha256:layer", "sha256:manifest"}  # the pull created its image
+    await catalog.sync()
+    assert catalog._committed == set()  # the image covers it now
+    assert await providers(observer, "sha256:layer") == ["me"]
+
+    # A committed blob of a pull that failed: withdrawn once containerd no longer holds it.
+    store.blobs.add("sha256:orphan")
+    await catalog._on_event(content_create("sha256:orphan"))
+    await catalog.add_committed()
+    assert await providers(observer, "sha256:orphan") == ["me"]
+    store.blobs.discard("sha256:orphan")  # its lease expired, GC removed it (no event)
+    await catalog.sync()
+    assert await providers(observer, "sha256:orphan") == []
+    assert await providers(observer, "sha256:old") == ["me"]
+
+
+async def test_content_events_advertise_promptly_and_never_delay_the_resync() -> None:
+    router, observer = await routers()
+    store = Store("sha256:old")
+    catalog = Catalog(None, router, 0.5, read_keys=store.read_keys, holds=store.holds)  # type: ignore[arg-type]
+    await catalog.sync()
+    loop = asyncio.create_task(catalog._rebuild_loop())
+    try:
+        store.blobs.add("sha256:new")
+        await catalog._on_event(content_create("sha256:new"))
+        async with asyncio.timeout(10):
+            while await providers(observer, "sha256:new") != ["me"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        # A steady trickle of commits (a long pull) must not hold off the periodic rebuild,
+        # which is what withdraws content deleted without an event.
+        reads = store.reads
+        async with asyncio.timeout(20):
+            i = 0
+            while store.reads < reads + 2:
+                store.blobs.add(f"sha256:n{i}")
+                await catalog._on_event(content_create(f"sha256:n{i}"))
+                await asyncio.sleep(0.1)
+                i += 1
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+
+async def test_a_quarantined_digest_is_withdrawn_and_kept_out_until_included_again() -> None:
+    """Quarantine (shoal.integrity) withdraws a digest at once; neither a full rebuild nor a
+    /content/create of it advertises it again until it is included again."""
+    router, observer = await routers()
+    store = Store("sha256:bad", "sha256:good")
+    catalog = Catalog(None, router, 3600, read_keys=store.read_keys, holds=store.holds)  # type: ignore[arg-type]
+    await catalog.sync()
+    await catalog.exclude("sha256:bad")
+    await catalog.exclude("sha256:late")
+    assert await providers(observer, "sha256:bad") == []
+    await catalog.sync()
+    store.blobs.add("sha256:late")
+    await catalog._on_event(content_create("sha256:late"))
+    await catalog.add_committed()
+    assert await providers(observer, "sha256:bad") == []
+    assert await providers(observer, "sha256:late") == []
+    assert await providers(observer, "sha256:good") == ["me"]
+    loop = asyncio.create_task(catalog._rebuild_loop())
+    try:
+        catalog.include("sha256:bad")  # a new copy matched: the loop advertises it soon
+        async with asyncio.timeout(10):
+            while await providers(observer, "sha256:bad") != ["me"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)

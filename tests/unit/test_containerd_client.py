@@ -77,6 +77,18 @@ def test_decode_content_delete_and_prefixed_type_url() -> None:
     assert event.digest == digest and event.image is None
 
 
+def test_decode_content_create() -> None:
+    digest = "sha256:" + "c" * 64
+    event = decode_event(
+        envelope(
+            "containerd.events.ContentCreate",
+            content_events_pb2.ContentCreate(digest=digest, size=1234),
+            "/content/create",
+        )
+    )
+    assert (event.topic, event.digest, event.image) == ("/content/create", digest, None)
+
+
 def test_decode_unknown_event_keeps_payload() -> None:
     payload = images_pb2.ImageDelete(name="ignored")
     event = decode_event(envelope("containerd.events.TaskExit", payload, "/tasks/exit"))
@@ -150,6 +162,21 @@ async def test_open_blob_falls_back_to_grpc(store: tuple[Path, str, bytes]) -> N
     unreadable = ContainerdClient("/nonexistent.sock", content_root=str(root / "missing"))
     await unreadable.content_root()
     assert unreadable.blob_path("sha256:" + "b" * 64) is None
+
+
+async def test_content_directory_created_after_connect_is_read_from_disk(
+    store: tuple[Path, str, bytes],
+) -> None:
+    """containerd 1.7+ creates the content directory at its first write: a client that found
+    none at connect reads blobs from disk once it exists, without reconnecting."""
+    built, digest, data = store
+    root = built.parent / "later"
+    client = ContainerdClient("/nonexistent.sock", content_root=str(root))
+    assert await client.content_root() == str(root)
+    assert client.blob_path(digest) is None  # not there yet: over gRPC
+    built.rename(root)
+    assert client.blob_path(digest) == str(root / "blobs" / "sha256" / digest[7:])
+    assert b"".join(await collect(client.open_blob(digest))) == data  # never connected
 
 
 async def test_digests_are_validated_before_touching_paths(

@@ -72,6 +72,29 @@ def test_cleanup_removes_a_directory_it_created(tmp_path: Path) -> None:
     assert not root.exists()
 
 
+def test_a_config_path_list_is_configured_in_its_first_directory(
+    hosts: Path, tmp_path: Path
+) -> None:
+    """EKS: config_path `/etc/containerd/certs.d:/etc/docker/certs.d`. containerd looks in the
+    first directory first, so shoal writes there; the second is never touched."""
+    docker_dir = tmp_path / "docker-certs.d"
+    (docker_dir / "docker.io").mkdir(parents=True)
+    (docker_dir / "docker.io" / "hosts.toml").write_text('server = "https://mirror.example"\n')
+    listed = f"{hosts}:{docker_dir}"
+    first_before, second_before = snapshot(hosts), snapshot(docker_dir)
+    assert main(["configure", "--hosts-dir", listed, "--mirror", MIRROR,
+                 "--registry", "docker.io"]) == 0  # fmt: skip
+    doc = tomllib.loads((hosts / "docker.io" / "hosts.toml").read_text())
+    assert next(iter(doc["host"])) == MIRROR
+    assert snapshot(docker_dir) == second_before
+    assert not Path(listed).exists()  # no directory named after the whole list
+    assert main(["cleanup", "--hosts-dir", listed]) == 0
+    assert snapshot(hosts) == first_before
+    assert snapshot(docker_dir) == second_before
+    with pytest.raises(ValueError):
+        configure("::", MIRROR, ["docker.io"])
+
+
 def test_written_files_are_what_containerd_accepts(hosts: Path) -> None:
     configure(
         str(hosts),

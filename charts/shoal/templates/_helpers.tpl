@@ -60,8 +60,14 @@ app.kubernetes.io/name={{ include "shoal.name" . }},app.kubernetes.io/instance={
 {{- end }}
 
 {{/* Where the node's hosts directory appears inside the configure/cleanup containers. */}}
+{{/* containerd's config_path may list directories separated by ":" (EKS); containerd looks in
+the first one first, so that is the one shoal configures. */}}
+{{- define "shoal.hostsDir" -}}
+{{- first (splitList ":" .Values.containerd.hostsDir) }}
+{{- end }}
+
 {{- define "shoal.hostsMountPath" -}}
-{{- printf "/host%s" (.Values.containerd.hostsDir | trimSuffix "/") }}
+{{- printf "/host%s" (include "shoal.hostsDir" . | trimSuffix "/") }}
 {{- end }}
 
 {{/* The socket's directory: mounted instead of the socket so a containerd restart is survived. */}}

@@ -7,6 +7,7 @@ default). The calls themselves are grouped by containerd service (`content`, `im
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Self
@@ -25,6 +26,8 @@ from shoal.containerd.api import (
 )
 from shoal.containerd.model import ContainerdError, ContainerdUnavailable, rpc_error
 from shoal.oci.digest import Digest
+
+log = logging.getLogger("shoal.containerd")
 
 DEFAULT_SOCKET = "/run/containerd/containerd.sock"
 DEFAULT_NAMESPACE = "k8s.io"
@@ -170,17 +173,29 @@ class Connection:
                     if plugin.type == CONTENT_PLUGIN_TYPE and plugin.id == CONTENT_PLUGIN_ID:
                         root = plugin.exports.get("root") or None
             self._root = root
-            # `blobs/` itself appears only with the first blob, so check the root.
-            self._disk_ok = root is not None and os.access(root, os.R_OK | os.X_OK)
             self._root_known = True
         return self._root
+
+    def _disk_readable(self) -> bool:
+        """Whether blob files can be read from the content directory.
+
+        Never remembered as "no": containerd 1.7 and 2.1 create the directory only at their
+        first write, which may come long after shoal connected. Until it is readable, every
+        use asks again; one access() costs far less than the gRPC call it may save. `blobs/`
+        itself appears only with the first blob, so the root is checked.
+        """
+        if not self._disk_ok and self._root is not None:
+            self._disk_ok = os.access(self._root, os.R_OK | os.X_OK)
+            if self._disk_ok:
+                log.info("content directory %s is readable: blobs are read from disk", self._root)
+        return self._disk_ok
 
     def blob_path(self, digest: str | Digest) -> str | None:
         """Where the blob's file is, when the content directory is known and readable.
 
         The file exists only if the blob is committed; it never changes once there.
         """
-        if not self._disk_ok or self._root is None:
+        if self._root is None or not self._disk_readable():
             return None
         d = parse_digest(digest)
         return os.path.join(self._root, "blobs", d.algorithm, d.hex)

@@ -14,8 +14,14 @@ from shoal.containerd.api import content_events_pb2, events_pb2, images_pb2
 from shoal.containerd.connection import Connection, quote_filter
 from shoal.containerd.model import Event, rpc_error
 
-# Topics containerd 1.6 publishes that change what a node can serve.
-DEFAULT_EVENT_FILTERS = ('topic~="^/images/"', 'topic=="/content/delete"')
+# Topics that change what a node can serve. /content/create (a blob committed) exists from
+# containerd 2.1; older versions simply never match it.
+CONTENT_CREATE = "/content/create"
+DEFAULT_EVENT_FILTERS = (
+    'topic~="^/images/"',
+    'topic=="/content/delete"',
+    'topic=="/content/create"',
+)
 
 _EVENT_TYPES: dict[str, Any] = {
     cls.DESCRIPTOR.full_name: cls
@@ -23,6 +29,7 @@ _EVENT_TYPES: dict[str, Any] = {
         images_pb2.ImageCreate,
         images_pb2.ImageUpdate,
         images_pb2.ImageDelete,
+        content_events_pb2.ContentCreate,
         content_events_pb2.ContentDelete,
     )
 }
@@ -43,7 +50,7 @@ def decode_event(envelope: events_pb2.Envelope) -> Event:
     except DecodeError:
         msg = None  # left undecoded rather than breaking the stream
     if msg is not None:
-        if isinstance(msg, content_events_pb2.ContentDelete):
+        if isinstance(msg, content_events_pb2.ContentCreate | content_events_pb2.ContentDelete):
             fields["digest"] = msg.digest
         else:
             fields["image"] = msg.name
@@ -82,9 +89,9 @@ class EventCalls(Connection):
     async def subscribe(self, filters: Sequence[str] | None = None) -> AsyncIterator[Event]:
         """Events of this namespace, as they happen (none are replayed).
 
-        Default filters: image create/update/delete and content delete. Pass containerd filter
-        expressions (OR-ed) to choose others; `[""]` means every topic. Raises ContainerdError
-        when the stream breaks.
+        Default filters: image create/update/delete, content create (2.1+) and delete. Pass
+        containerd filter expressions (OR-ed) to choose others; `[""]` means every topic.
+        Raises ContainerdError when the stream breaks.
         """
         call = self.subscription(filters)
         async for event in self.events_of(call):

@@ -138,7 +138,7 @@ class Event:
     """One containerd event.
 
     `type_name` is the payload's proto name (e.g. `containerd.services.images.v1.ImageCreate`).
-    `image` is set for image events, `digest` for `/content/delete`; `labels` for image
+    `image` is set for image events, `digest` for `/content/create|delete`; `labels` for image
     create/update. Other payloads are left undecoded (`payload` holds their bytes).
     """
 

@@ -100,6 +100,17 @@ def test_k3s_paths(chart: helm.Chart) -> None:
     assert "priorityClassName" not in pod_spec(docs)
 
 
+def test_a_hosts_dir_list_mounts_and_configures_its_first_directory(chart: helm.Chart) -> None:
+    """EKS's config_path `/etc/containerd/certs.d:/etc/docker/certs.d`, given as is."""
+    listed = "/etc/containerd/certs.d:/etc/docker/certs.d"
+    docs = render(chart, {"containerd": {"hostsDir": listed}})
+    vols = volumes_by_name(docs)
+    assert vols["containerd-hosts"]["hostPath"]["path"] == "/etc/containerd/certs.d"
+    parsed = shoal_commands(docs)
+    assert parsed["configure"].hosts_dir == "/host/etc/containerd/certs.d"
+    assert parsed["hosts-cleanup/preStop"].hosts_dir == "/host/etc/containerd/certs.d"
+
+
 def test_ports_and_probes(rendered: tuple[str, list[dict]]) -> None:
     _, docs = rendered
     main = containers(docs)["shoal"]

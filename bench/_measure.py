@@ -1,0 +1,38 @@
+"""What the benches measure about processes, from /proc (no cgroups: the simulated nodes are
+processes of this host, each in a network namespace only)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads) and its reaped children, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start the process's peak RSS (VmHWM) afresh at its current RSS (`clear_refs` 5)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def peak_rss(pid: int) -> int:
+    """Bytes: the highest resident set of the process since its start or the last reset, as
+    the kernel tracks it (no sampling, so no spike is missed)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for {pid}")
+
+
+def warm_memory(gib: float) -> None:
+    """Writes `gib` GiB in a child process that then exits: the pages are backed by the host
+    again and free, so the next run's page cache writes cost what they cost on a normal node
+    (README, "The rollout bench"). 0 turns it off."""
+    if gib > 0:
+        code = f"b = bytearray(b'w') * {int(gib * (1 << 30))}"
+        subprocess.run([sys.executable, "-c", code], check=True)
