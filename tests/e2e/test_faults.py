@@ -11,7 +11,9 @@ node 3's containerd restarted mid-pull. `SHOAL_SOAK_TRIALS` sets the trials per 
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import signal
 import threading
 import time
@@ -172,10 +174,28 @@ def flip_byte(node: Node, world: Soak) -> None:
         f.write(bytes([byte[0] ^ 0x01]))
 
 
-def serving(holder: Node, client_ip: str) -> bool:
-    """Whether `holder`'s shoal has a connection from `client_ip` (a body being sent)."""
-    out = holder.ns.exec(["ss", "-tn", "state", "established", f"( sport = :{PORT} )"]).stdout
-    return client_ip in out
+def sends_body(holder: Node, client_ip: str) -> bool:
+    """Whether `holder`'s shoal is sending a body to `client_ip` now: a connection that carried
+    over 1 MB and sent within the last 300 ms (idle keep-alive connections of HEADs do not)."""
+    out = holder.ns.exec(["ss", "-tin", "state", "established", f"( sport = :{PORT} )"]).stdout
+    lines = out.splitlines()
+    for conn, info in itertools.pairwise(lines):
+        if client_ip not in conn:
+            continue
+        sent, last = re.search(r"bytes_sent:(\d+)", info), re.search(r"lastsnd:(\d+)", info)
+        if sent and int(sent.group(1)) > 1_000_000 and (last is None or int(last.group(1)) < 300):
+            return True
+    return False
+
+
+def fresh_puller(world: Soak, *shoal_args: str) -> None:
+    """Node 3 without the image, its shoal restarted: an empty spool, and no memory of
+    holders from the trials before (a pull that met a bad holder would not ask it again)."""
+    n3 = world.nodes[2]
+    n3.shoal.stop()  # type: ignore[union-attr]
+    world.cluster.start_shoal(n3, *shoal_args)
+    without_image(n3, world)
+    wait_until(lambda: n3.metric("shoal_peers") >= 2, 60, "node 3 sees its peers")
 
 
 def pull_with_fault(world: Soak, fault: Callable[[Node], None],
@@ -187,9 +207,10 @@ def pull_with_fault(world: Soak, fault: Callable[[Node], None],
     n3.ns.limit("200mbit")  # ~3 s for the layer: time to strike midway
     try:
         puller.start()
-        wait_until(lambda: serving(n1, n3.ns.ip) or serving(n2, n3.ns.ip), 60, "a holder sends")
-        time.sleep(0.7)
-        victim = n1 if serving(n1, n3.ns.ip) else n2
+        wait_until(lambda: sends_body(n1, n3.ns.ip) or sends_body(n2, n3.ns.ip), 60,
+                   "a holder sends")  # fmt: skip
+        victim = n1 if sends_body(n1, n3.ns.ip) else n2
+        time.sleep(0.5)  # a sixth of the way or so
         struck = time.monotonic()
         fault(victim)
         puller.join(600)
@@ -245,14 +266,10 @@ def test_bit_rot_on_a_holder_with_a_warm_record(soak: Soak, transfer: str, good_
     outcomes = soak.results.setdefault(name, [])
     try:
         for _ in range(TRIALS):
-            # A puller that has not met node 1's bad copy yet (it would not ask it again).
-            n3.shoal.stop()  # type: ignore[union-attr]
-            soak.cluster.start_shoal(n3, "--peer-transfer", transfer)
-            without_image(n3, soak)
+            fresh_puller(soak, "--peer-transfer", transfer)
             holding(n1, soak, direct=True)
             served_once(n1, soak)  # after a re-pull, this also lifts its quarantine
             without_image(n2, soak)
-            wait_until(lambda: n3.metric("shoal_peers") >= 2, 60, "node 3 sees its peers")
             advertised_by(soak, n1)
             wait_until(lambda: n2.ns.ip not in n3.providers(soak.layer), RESYNC + 30,
                        "node 2 withdrawn")  # fmt: skip
@@ -284,13 +301,13 @@ def test_bit_rot_on_a_holder_with_a_warm_record(soak: Soak, transfer: str, good_
 
 
 def test_holder_sigstopped_mid_body(soak: Soak) -> None:
-    n1, n2, n3 = soak.nodes
+    n1, n2, _ = soak.nodes
     outcomes = soak.results.setdefault("holder SIGSTOP mid-body", [])
     for _ in range(TRIALS):
         for holder in (n1, n2):
             holding(holder, soak, direct=True)
             served_once(holder, soak)  # after a re-pull, this also lifts a quarantine
-        without_image(n3, soak)
+        fresh_puller(soak)
         advertised_by(soak, n1, n2)
         soak.registry.stop()
         stopped: list[Node] = []
@@ -306,13 +323,13 @@ def test_holder_sigstopped_mid_body(soak: Soak) -> None:
 
 
 def test_holder_sigkilled_mid_body(soak: Soak) -> None:
-    n1, n2, n3 = soak.nodes
+    n1, n2, _ = soak.nodes
     outcomes = soak.results.setdefault("holder SIGKILL mid-body", [])
     for _ in range(TRIALS):
         for holder in (n1, n2):
             holding(holder, soak, direct=True)
             served_once(holder, soak)  # after a re-pull, this also lifts a quarantine
-        without_image(n3, soak)
+        fresh_puller(soak)
         advertised_by(soak, n1, n2)
         soak.registry.stop()
         killed: list[Node] = []
@@ -335,7 +352,7 @@ def test_containerd_restarted_mid_pull(soak: Soak) -> None:
         for holder in (n1, n2):
             holding(holder, soak, direct=True)
             served_once(holder, soak)  # after a re-pull, this also lifts a quarantine
-        without_image(n3, soak)
+        fresh_puller(soak)
         advertised_by(soak, n1, n2)
         up = threading.Event()
         up.set()

@@ -63,6 +63,7 @@ class PeerSettings:
 
 
 async def aclose(it: AsyncIterator[object]) -> None:
+    """Closes a lookup left early (an async generator): the router stops its walk."""
     close = getattr(it, "aclose", None)
     if close is not None:
         await close()
