@@ -21,6 +21,9 @@ from shoal.fetch.designate import Designation
 from shoal.fetch.imageorder import OrderedFetches
 from shoal.fetch.sharing import SharedFetches
 from shoal.fetch.spool import Spool
+from shoal.integrity.guard import Integrity
+from shoal.integrity.ledger import Ledger, keep_saved
+from shoal.integrity.scrub import Scrub, ScrubSettings
 from shoal.observe.facts import NodeParts
 from shoal.observe.recorder import LastProblem, Recorder
 from shoal.observe.routes import add_status_routes
@@ -33,10 +36,12 @@ from shoal.registry.transfer import PeerTransfer
 from shoal.routing.base import Peer, Router
 from shoal.routing.factory import make_router
 from shoal.sources.chain import SourceChain
+from shoal.sources.holders import Holders
 from shoal.sources.inflight import InFlightSource
 from shoal.sources.local import LocalSource
 from shoal.sources.nodestore import ContainerdStore
 from shoal.sources.peers import PeerSource, ProviderLookup
+from shoal.sources.spooled import SpooledPeers
 from shoal.sources.tags import TagPolicy
 from shoal.sources.upstream import UpstreamFetcher
 from shoal.upstream import UpstreamSource
@@ -99,13 +104,13 @@ class Daemon:
             content_root=settings.content_root or None,
         )
         self.router: Router = make_router(settings, split_host_port(settings.listen)[1])
-        self.peers = PeerSource(TimedLookup(self.router))
+        self.holders = Holders()
+        self.peers = PeerSource(TimedLookup(self.router), holders=self.holders)
         self.recorder = Recorder()
         self.problems = LastProblem()
         self.containerd_version = ""
         self.transfer = PeerTransfer(
-            redirect=settings.peer_transfer == "redirect",
-            relay_timeout=self.peers.settings.read_timeout,
+            redirect=settings.peer_transfer == "redirect", asked=self.holders
         )
         self.catalog = Catalog(
             self.client,
@@ -115,6 +120,9 @@ class Daemon:
             read_keys=self._keys,
         )
         self.keeper: Keeper | None = None
+        self.ledger = Ledger(Path(settings.data_dir) / "verified.json")
+        self.catalog.excluded.update(self.ledger.quarantined())
+        self.integrity = Integrity(self.ledger, self.catalog)
         # The registry and the spool verify every byte already; a third hash would only cost.
         self.upstream = UpstreamSource.from_settings(settings, verify_blobs=False)
         self.store = ContainerdStore(self.client)
@@ -147,9 +155,10 @@ class Daemon:
         )
         keeper_sources: list[Source] = []  # filled once the chain exists
         self.keeper = keeper = Keeper(self.client, _Sources(keeper_sources), on_change=self._resync)
-        local = LocalSource(PreheatedStore(self.store, keeper))
+        local = LocalSource(PreheatedStore(self.store, keeper), self.integrity)
         sharing = SharedFetches(self.spool, self.router)
         inflight = InFlightSource(sharing)
+        peers = SpooledPeers(self.peers, sharing, self.transfer)
 
         ordered = None
         if self.settings.ordered_streams > 0:
@@ -159,9 +168,7 @@ class Daemon:
                 upstream=lambda ref, digest: self.upstream.find(ref, digest, "blob"),
                 start=sharing.start,
                 streams=self.settings.ordered_streams,
-                # Blobs other nodes relay must not wait longer than they wait for a peer.
                 ungated_below=self.transfer.redirect_min,
-                hold=self.transfer.longest_silence(),
             )
         self.ordered = ordered
         images = None if ordered is None else ordered.images
@@ -169,11 +176,11 @@ class Daemon:
 
         def fetcher(delegate: bool) -> UpstreamFetcher:
             return UpstreamFetcher(
-                self.upstream, sharing, designation, self.peers, delegate=delegate, ordered=ordered
+                self.upstream, sharing, designation, peers, delegate=delegate, ordered=ordered
             )
 
         chain = SourceChain(
-            [local, inflight, self.peers, fetcher(True)],
+            [local, inflight, peers, fetcher(True)],
             peer_sources=[local, inflight],
             fetch_sources=[local, inflight, fetcher(False)],
             tags=TimedTags(TagPolicy(self.settings.tag_policy, self.upstream)),
@@ -195,6 +202,14 @@ class Daemon:
         await self.router.start()
         self.routing_metrics = metrics.watch_routing(self.router.stats)
         self.tasks.append(asyncio.create_task(self.catalog.run(), name="catalog"))
+        s = self.settings
+        scrub = Scrub(
+            self.integrity,
+            self.client.blob_path,
+            ScrubSettings(s.scrub_interval, s.scrub_min_rate, s.scrub_max_rate),
+        )
+        self.tasks.append(asyncio.create_task(scrub.run(), name="scrub"))
+        self.tasks.append(asyncio.create_task(keep_saved(self.ledger), name="ledger"))
         self.tasks.append(asyncio.create_task(self._gauges(), name="gauges"))
         self.tasks.append(asyncio.create_task(keeper.run(), name="preheat"))
 
@@ -269,6 +284,7 @@ class Daemon:
             metrics.REGISTRY.unregister(self.routing_metrics)
         if self.keeper is not None:
             await self.keeper.close()
+        await self.integrity.close()
         if self.ordered is not None:
             await self.ordered.close()
         await self.spool.close()

@@ -41,6 +41,29 @@ VERIFY_FAILURES = Counter(
     ["source"],
     registry=REGISTRY,
 )
+QUARANTINED = Counter(
+    "shoal_quarantined_total",
+    "Digests this node quarantined because its own copy did not match, by what found it",
+    ["found_by"],
+    registry=REGISTRY,
+)
+QUARANTINED_DIGESTS = Gauge(
+    "shoal_quarantined_digests", "Digests this node holds but will not serve", registry=REGISTRY
+)
+VERIFIED_FILES = Gauge(
+    "shoal_verified_files",
+    "Files of the node's content store on record as hashed in full and matching",
+    registry=REGISTRY,
+)
+SCRUBBED_BYTES = Counter(
+    "shoal_scrubbed_bytes_total", "Bytes the background scrub re-hashed", registry=REGISTRY
+)
+HOLDERS_ABANDONED = Counter(
+    "shoal_peer_holders_abandoned_total",
+    "Peer downloads moved to another holder, by why (silent, failed, mismatch)",
+    ["reason"],
+    registry=REGISTRY,
+)
 
 
 # Per registry (`ns`) and source, counted once per answer by shoal.observe.middleware.

@@ -28,6 +28,7 @@ from shoal.registry.transfer import PeerTransfer
 from shoal.routing import Peer
 from shoal.routing.base import NodeInfo
 from shoal.sources.chain import SourceChain
+from shoal.sources.download import Deadlines
 from shoal.sources.local import LocalSource
 from shoal.sources.peers import PeerSettings, PeerSource
 from tests.fakes.images import LAYER, NS, build_image
@@ -67,7 +68,9 @@ class Nodes:
                 return holder["r"].lookup(key, limit)
 
         recorder = Recorder()
-        peers = PeerSource(Late(), PeerSettings(hedge_after=0.1, header_timeout=1.0))
+        peers = PeerSource(
+            Late(), PeerSettings(hedge_after=0.1, deadlines=Deadlines(header_timeout=1.0))
+        )
         local = LocalSource(store)
         app = make_app(
             SourceChain([local, peers], [local]),

@@ -93,6 +93,8 @@ class Registry:
             return await self.serve_manifest(request, ref, who)
         if ref.digest is None:
             raise NameInvalid("blobs are addressed by digest")
+        if request.method == "GET":
+            self.blobs.transfer.asking(ref.digest, request.headers.get("Range"), who)
         blob = await self.chain.find_blob(self.chain.for_asker(who), ref, ref.digest)
         if blob is None:
             raise BlobUnknown("blob unknown", {"digest": str(ref.digest)})
