@@ -4,7 +4,8 @@ Keys are every digest of every image the node holds (index, the manifests presen
 layers) and every tag as `<registry>/<repo>:<tag>` (containerd's image name). The catalog is
 rebuilt in full at start, after image events (debounced), after every event-stream break, and
 on a timer (containerd 1.x publishes no event when content is added). Only differences are sent
-to the router: new keys advertised, vanished keys withdrawn.
+to the router: new keys advertised, vanished keys withdrawn. Digests `shoal.integrity`
+quarantined are withdrawn at once and left out until their quarantine is lifted.
 
 containerd 2.1+ publish /content/create when a blob is committed. Its digest is advertised at
 once (debounced), before any image names it: during a rollout, the layers a node has finished
@@ -108,6 +109,7 @@ class Catalog:
         self.holds = holds
         self.state_file = state_file
         self.keys: set[str] = set()
+        self.excluded: set[str] = set()  # quarantined digests: never advertised (`exclude`)
         self._leftover = self._load()  # withdrawn at the first sync unless still held
         self._committed: set[str] = set()  # from /content/create, not yet part of an image
         self._full = False  # whether the next rebuild must re-read everything
@@ -123,6 +125,7 @@ class Catalog:
             self._synced_at = time.monotonic()
             keys = await self.read_keys(self.client)
             keys |= await self._still_committed(keys)
+            keys -= self.excluded
             added, removed = keys - self.keys, (self.keys | self._leftover) - keys
             self._leftover = set()
             if removed:
@@ -149,7 +152,7 @@ class Catalog:
     async def add_committed(self) -> None:
         """Advertises the blobs containerd reported committed, without re-reading the store."""
         async with self._lock:
-            added = self._committed - self.keys
+            added = self._committed - self.keys - self.excluded
             if not added:
                 return
             await self.router.advertise(added)
@@ -157,6 +160,22 @@ class Catalog:
             self._save()
             metrics.ADVERTISED.set(len(self.keys))
             log.info("catalog: %d keys (+%d committed)", len(self.keys), len(added))
+
+    async def exclude(self, key: str) -> None:
+        """Withdraws `key` at once, and keeps it out of every later sync until `include`."""
+        self.excluded.add(key)
+        async with self._lock:
+            if key in self.keys:
+                self.keys.discard(key)
+                self._save()
+                metrics.ADVERTISED.set(len(self.keys))
+        await self.router.withdraw([key])
+
+    def include(self, key: str) -> None:
+        """`key` may be advertised again: the next sync (soon) does it if the node holds it."""
+        self.excluded.discard(key)
+        self._full = True  # a full rebuild: the key may belong to an image
+        self._dirty.set()
 
     async def _router_ready(self, timeout: float = 30.0) -> None:
         """A withdrawal sent before the router knows any peer reaches nobody: wait a little."""

@@ -13,7 +13,7 @@ from typing import Any
 
 TAG_POLICIES = ("upstream-first", "peers", "digest-only")
 BOOTSTRAP_MODES = ("none", "static", "dns", "kubernetes")
-PEER_TRANSFERS = ("redirect", "relay")
+PEER_TRANSFERS = ("relay", "redirect")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -58,7 +58,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("listen", "0.0.0.0:30020", "address of the registry API (host:port)"),
     Option("metrics_listen", "0.0.0.0:30021", "address of /metrics, /healthz and /readyz"),
-    Option("data_dir", "/var/lib/shoal", "directory for the peer identity and the spool"),
+    Option(
+        "data_dir",
+        "/var/lib/shoal",
+        "directory for the peer identity, the spool and the record of verified files",
+    ),
     Option(
         "http_header_timeout",
         10.0,
@@ -127,8 +131,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("spool_max_bytes", 10 * 1024**3, "bytes the in-flight spool may hold", type=int),
     Option(
         "peer_transfer",
-        "redirect",
-        "blob bodies a peer holds: redirect containerd to the peer, or relay them through here",
+        "relay",
+        "blob bodies a peer holds: relay them through this node's spool (holders under progress "
+        "deadlines), or redirect containerd to the peer (cheaper, but a holder that stalls "
+        "stalls the pull)",
         choices=PEER_TRANSFERS,
     ),
     Option(
@@ -138,6 +144,14 @@ OPTIONS: tuple[Option, ...] = (
         "(0: each blob is fetched when containerd asks for it)",
         type=int,
     ),
+    Option(
+        "scrub_interval",
+        86400.0,
+        "seconds within which every file of the content store shoal verified is hashed again",
+        type=float,
+    ),
+    Option("scrub_min_rate", 4 * 1024**2, "bytes/s the scrub reads at least", type=int),
+    Option("scrub_max_rate", 64 * 1024**2, "bytes/s the scrub reads at most", type=int),
 )
 
 
@@ -180,6 +194,9 @@ class Settings:
     spool_max_bytes: int
     peer_transfer: str
     ordered_streams: int
+    scrub_interval: float
+    scrub_min_rate: int
+    scrub_max_rate: int
 
     @classmethod
     def defaults(cls, **overrides: Any) -> Settings:

@@ -10,26 +10,39 @@ from pathlib import Path
 from aiohttp import web
 
 from shoal import logs, metrics
-from shoal.catalog import Catalog
+from shoal.catalog import Catalog, node_keys
 from shoal.config import Settings
 from shoal.containerd.client import ContainerdClient
 from shoal.containerd.imagecache import ImageCache
+from shoal.containerd.ingest import IngestClient
+from shoal.content.model import Source
 from shoal.fetch.designate import Designation
 from shoal.fetch.imageorder import OrderedFetches
 from shoal.fetch.sharing import SharedFetches
 from shoal.fetch.spool import Spool
 from shoal.health import ContainerdHealth, health_app
+from shoal.integrity.guard import Integrity
+from shoal.integrity.ledger import Ledger, keep_saved
+from shoal.integrity.scrub import Scrub, ScrubSettings
+from shoal.observe.facts import NodeParts
+from shoal.observe.recorder import LastProblem, Recorder
+from shoal.observe.routes import add_status_routes
+from shoal.observe.timing import TimedLookup, TimedTags
 from shoal.oci.digest import Digest
+from shoal.preheat.admin import HOLD_PATH, Coordinator, PreheatedStore, admin_routes, hold
+from shoal.preheat.keeper import Keeper
 from shoal.registry.app import make_app
 from shoal.registry.httpserver import RegistryRunner, ServerLimits
 from shoal.registry.transfer import PeerTransfer
 from shoal.routing.base import Peer, Router
 from shoal.routing.factory import make_router
 from shoal.sources.chain import SourceChain
+from shoal.sources.holders import Holders
 from shoal.sources.inflight import InFlightSource
 from shoal.sources.local import LocalSource
 from shoal.sources.nodestore import ContainerdStore
 from shoal.sources.peers import PeerSource
+from shoal.sources.spooled import SpooledPeers
 from shoal.sources.tags import TagPolicy
 from shoal.sources.upstream import UpstreamFetcher
 from shoal.upstream import UpstreamSource
@@ -52,16 +65,20 @@ def split_host_port(address: str) -> tuple[str, int]:
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.client = ContainerdClient(
+        # The write side too: preheated images are written into the node's store.
+        self.client = IngestClient(
             settings.containerd_socket,
             namespace=settings.containerd_namespace,
             content_root=settings.content_root or None,
         )
         self.router: Router = make_router(settings, split_host_port(settings.listen)[1])
-        self.peers = PeerSource(self.router)
+        self.holders = Holders()
+        self.peers = PeerSource(TimedLookup(self.router), holders=self.holders)
+        self.recorder = Recorder()
+        self.problems = LastProblem()
+        self.containerd_version = ""
         self.transfer = PeerTransfer(
-            redirect=settings.peer_transfer == "redirect",
-            relay_timeout=self.peers.settings.read_timeout,
+            redirect=settings.peer_transfer == "redirect", asked=self.holders
         )
         self.health = ContainerdHealth(self.client)
         # Image records for requests, kept while the catalog's event stream says nothing changed.
@@ -72,7 +89,12 @@ class Daemon:
             settings.resync_interval,
             state_file=Path(settings.data_dir) / "advertised.json",
             listener=self.images,
+            read_keys=self._keys,
         )
+        self.keeper: Keeper | None = None
+        self.ledger = Ledger(Path(settings.data_dir) / "verified.json")
+        self.catalog.excluded.update(self.ledger.quarantined())
+        self.integrity = Integrity(self.ledger, self.catalog)
         # The registry and the spool verify every byte already; a third hash would only cost.
         self.upstream = UpstreamSource.from_settings(settings, verify_blobs=False)
         self.store = ContainerdStore(self.images)
@@ -100,15 +122,20 @@ class Daemon:
         await self.client.connect()
         version = await self.client.version()
         root = await self.client.content_root()
+        self.containerd_version = version
+        logging.getLogger("shoal").addHandler(self.problems)
         log.info(
             "containerd %s, namespace %s, content %s",
             version,
             self.settings.containerd_namespace,
             root,
         )
-        local = LocalSource(self.store)
+        keeper_sources: list[Source] = []  # filled once the chain exists
+        self.keeper = keeper = Keeper(self.client, _Sources(keeper_sources), on_change=self._resync)
+        local = LocalSource(PreheatedStore(self.store, keeper), self.integrity)
         sharing = SharedFetches(self.spool, self.router)
         inflight = InFlightSource(sharing)
+        peers = SpooledPeers(self.peers, sharing, self.transfer)
 
         ordered = None
         if self.settings.ordered_streams > 0:
@@ -118,9 +145,7 @@ class Daemon:
                 upstream=lambda ref, digest: self.upstream.find(ref, digest, "blob"),
                 start=sharing.start,
                 streams=self.settings.ordered_streams,
-                # Blobs other nodes relay must not wait longer than they wait for a peer.
                 ungated_below=self.transfer.redirect_min,
-                hold=self.transfer.longest_silence(),
             )
         self.ordered = ordered
         images = None if ordered is None else ordered.images
@@ -128,28 +153,43 @@ class Daemon:
 
         def fetcher(delegate: bool) -> UpstreamFetcher:
             return UpstreamFetcher(
-                self.upstream, sharing, designation, self.peers, delegate=delegate, ordered=ordered
+                self.upstream, sharing, designation, peers, delegate=delegate, ordered=ordered
             )
 
         chain = SourceChain(
-            [local, inflight, self.peers, fetcher(True)],
+            [local, inflight, peers, fetcher(True)],
             peer_sources=[local, inflight],
             fetch_sources=[local, inflight, fetcher(False)],
-            tags=TagPolicy(self.settings.tag_policy, self.upstream),
+            tags=TimedTags(TagPolicy(self.settings.tag_policy, self.upstream)),
         )
+        keeper_sources.extend(chain.sources)
         # The registry first: bootstrap of other nodes asks it for this node's peer ID.
         app = make_app(
-            chain, p2p_info=lambda: self.router.node_info().to_json(), transfer=self.transfer
+            chain,
+            p2p_info=lambda: self.router.node_info().to_json(),
+            transfer=self.transfer,
+            recorder=self.recorder,
+            posts={HOLD_PATH: lambda request: hold(request, keeper)},
         )
         await self._serve(app, self.settings.listen, "registry")
-        await self._serve(
-            health_app(self.ready, self.router), self.settings.metrics_listen, "metrics"
-        )
+        health = health_app(self.ready, self.router)
+        add_status_routes(health, self._parts())
+        admin_routes(health, Coordinator(chain, keeper, self._me, self.router.members), keeper)
+        await self._serve(health, self.settings.metrics_listen, "metrics")
         await self.router.start()
         self.routing_metrics = metrics.watch_routing(self.router.stats)
         self.tasks.append(asyncio.create_task(self.catalog.run(), name="catalog"))
         self.tasks.append(asyncio.create_task(self.health.run(), name="containerd-health"))
+        s = self.settings
+        scrub = Scrub(
+            self.integrity,
+            self.client.blob_path,
+            ScrubSettings(s.scrub_interval, s.scrub_min_rate, s.scrub_max_rate),
+        )
+        self.tasks.append(asyncio.create_task(scrub.run(), name="scrub"))
+        self.tasks.append(asyncio.create_task(keep_saved(self.ledger), name="ledger"))
         self.tasks.append(asyncio.create_task(self._gauges(), name="gauges"))
+        self.tasks.append(asyncio.create_task(keeper.run(), name="preheat"))
 
     async def _serve(self, app: web.Application, address: str, what: str) -> None:
         runner = RegistryRunner(app, self.limits, shutdown_timeout=SHUTDOWN_GRACE)
@@ -159,9 +199,50 @@ class Daemon:
         self.runners.append(runner)
         log.info("%s listening on %s", what, address)
 
+    def _parts(self) -> NodeParts:
+        """What the status page shows, as the parts' own accessors."""
+        return NodeParts(
+            ready=self.ready,
+            checks=lambda: {
+                "containerd": self.health.ok,
+                "catalog synced": self.catalog.synced.is_set(),
+                "routing": self.router.ready(),
+            },
+            node_info=self.router.node_info,
+            members=self.router.members,
+            advertised=lambda: self.catalog.keys,
+            listen=self.settings.listen,
+            metrics_listen=self.settings.metrics_listen,
+            containerd_version=lambda: self.containerd_version,
+            namespace=self.settings.containerd_namespace,
+            recorder=self.recorder,
+            problems=self.problems,
+            preheats=lambda: self.keeper.to_json() if self.keeper else [],
+        )
+
+    async def _keys(self, client: ContainerdClient) -> set[str]:
+        """What the node holds, and what it keeps for preheats."""
+        keys = await node_keys(client)
+        return keys | (self.keeper.keys() if self.keeper is not None else set())
+
+    def _resync(self) -> None:
+        """Advertises (or withdraws) what the preheat keeper changed, now."""
+
+        async def sync() -> None:
+            try:
+                await self.catalog.sync()
+            except Exception as exc:  # the periodic resync retries
+                log.warning("catalog sync after a preheat change failed: %s", exc)
+
+        task = asyncio.ensure_future(sync())
+        self.tasks.append(task)
+        task.add_done_callback(lambda t: self.tasks.remove(t) if t in self.tasks else None)
+
     async def _gauges(self) -> None:
         while True:
             metrics.PEERS.set(len(self.router.members()))
+            metrics.SPOOL_BYTES.set(self.spool.used)
+            metrics.SPOOL_FETCHES.set(len(self.spool.fetches))
             await asyncio.sleep(2.0)
 
     async def _held_locally(self, digest: Digest) -> bool:
@@ -179,6 +260,9 @@ class Daemon:
             await runner.cleanup()
         if self.routing_metrics is not None:
             metrics.REGISTRY.unregister(self.routing_metrics)
+        if self.keeper is not None:
+            await self.keeper.close()
+        await self.integrity.close()
         if self.ordered is not None:
             await self.ordered.close()
         await self.spool.close()
@@ -186,6 +270,7 @@ class Daemon:
         await self.peers.close()
         await self.router.stop()
         await self.client.close()
+        logging.getLogger("shoal").removeHandler(self.problems)
 
 
 async def _main(settings: Settings) -> int:
@@ -211,3 +296,10 @@ def run_daemon(settings: Settings) -> int:
     except Exception as exc:  # a start-up failure: one clear line, then a non-zero exit
         log.error("shoal failed: %s", exc, exc_info=settings.log_level == "debug")
         return 1
+
+
+class _Sources:
+    """The chain's sources for containerd, for the preheat keeper (made before the chain)."""
+
+    def __init__(self, sources: list[Source]) -> None:
+        self.sources = sources

@@ -271,3 +271,21 @@ async def test_redirect_loops_are_bounded(servers: Servers) -> None:
         with pytest.raises(UpstreamInvalid):
             await src.lookup(ref(reg))
     assert len(reg.seen) == 5
+
+
+async def test_throttles_and_errors_are_counted_by_registry(servers: Servers) -> None:
+    from shoal import metrics
+
+    reg = await servers.registry()
+    add_image(reg)
+    reg.faults = [status(429, {"Retry-After": "0"}), status(503)]
+
+    def count(name: str, **labels: str) -> float:
+        return metrics.REGISTRY.get_sample_value(name, {"registry": reg.host, **labels}) or 0.0
+
+    throttled = count("shoal_upstream_throttled_total")
+    failed = count("shoal_upstream_errors_total", reason="503")
+    async with source(reg) as src:
+        assert await src.lookup(ref(reg)) is not None
+    assert count("shoal_upstream_throttled_total") == throttled + 1
+    assert count("shoal_upstream_errors_total", reason="503") == failed + 1

@@ -27,7 +27,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 from yarl import URL
 
-from shoal import __version__
+from shoal import __version__, metrics
 from shoal.content.model import READ_BUFSIZE
 from shoal.upstream.allowlist import Origin, origin
 from shoal.upstream.breaker import Breakers
@@ -160,6 +160,7 @@ class Transport:
             except TimeoutError as exc:  # not answering: the next attempt would wait as long
                 raise UpstreamUnavailable(f"{method} {_safe(url)}: no answer in time") from exc
             except RETRYABLE as exc:
+                metrics.UPSTREAM_ERRORS.labels(_host(url), "connection").inc()
                 if last:
                     raise UpstreamUnavailable(f"{method} {_safe(url)}: {exc!r}") from exc
                 await asyncio.sleep(policy.pause(attempt))
@@ -168,6 +169,10 @@ class Transport:
                 raise UpstreamInvalid(f"{method} {_safe(url)}: {exc!r}") from exc
             if resp.status not in _RETRY_STATUS:
                 return resp
+            if resp.status == 429:
+                metrics.UPSTREAM_THROTTLED.labels(_host(url)).inc()
+            else:
+                metrics.UPSTREAM_ERRORS.labels(_host(url), str(resp.status)).inc()
             wait = retry_after(resp.headers.get("Retry-After"))
             resp.release()
             what = f"{resp.status} from {_safe(url)}"
@@ -262,6 +267,12 @@ def redirect_target(current: URL, location: str) -> URL:
     if current.scheme == "https" and target.scheme == "http":
         raise UpstreamInvalid(f"redirect from https to http refused ({_safe(current)})")
     return target
+
+
+def _host(url: URL) -> str:
+    """The registry a request went to, as `host[:port]` (the metrics' label)."""
+    port = url.explicit_port
+    return f"{url.host}:{port}" if port is not None else url.host or ""
 
 
 def _safe(url: URL) -> str:
