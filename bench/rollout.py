@@ -1,7 +1,7 @@
 """A rollout: 8 nodes fetch one image at the same moment from a registry behind a 200 Mbit/s link.
 
     sudo .venv/bin/python bench/rollout.py [--mib 128] [--nodes 8] [--rate 200mbit] [--client cri]
-        [--peer-transfer redirect] [--warm-gib 4] [--shoal-arg=--ordered-streams=0 ...]
+        [--peer-transfer relay] [--warm-gib 4] [--shoal-arg=--ordered-streams=0 ...]
         [--containerd 2.3.7]      (or SHOAL_CONTAINERD=<version>; see tests/harness/runtime.py)
 
 Four runs in one go, each on fresh containerd stores, printed side by side:
@@ -92,7 +92,7 @@ def main() -> int:
         help="cri: the kubelet's PullImage (containerd fetches and unpacks); "
         "ctr: `ctr content fetch` (the ctr process fetches, no unpack)",
     )  # fmt: skip
-    parser.add_argument("--peer-transfer", choices=("redirect", "relay"), default="redirect")
+    parser.add_argument("--peer-transfer", choices=("relay", "redirect"), default="relay")
     parser.add_argument(
         "--warm-gib", type=float, default=4.0,
         help="GiB of memory written and freed before each run (0: none)",

@@ -100,8 +100,8 @@ def main() -> int:
             redirected = node.metric("shoal_requests_total", source="peer", code="307")
             from_peers = sum(to_peers(n) for n in cluster.nodes if n is not node) - before
             print(f"    pulled in {took:.2f} s, byte-identical to node 1: {same}")
-            print(f"    its shoal found {count:.0f} objects at peers: {redirected:.0f} large blobs"
-                  " by redirecting containerd to the peer, the rest relayed")  # fmt: skip
+            print(f"    its shoal found {count:.0f} objects at peers: {redirected:.0f} by"
+                  " redirecting containerd there, the rest relayed through its spool")  # fmt: skip
             print(f"    peers sent {from_peers / 1e6:.1f} MB for it")
             own = [now - then for now, then in zip(served(node, "upstream"), spooled, strict=True)]
             if own[0]:  # the registry is down: these were fetched earlier, for the cluster

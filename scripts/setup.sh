@@ -18,6 +18,13 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq containerd docker-registry skopeo iproute2 gcc curl util-linux \
     libgmp-dev >/dev/null
 fi
+# The status page's browser test: Debian's chromium and its driver (no browser is downloaded).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends chromium chromium-driver fonts-dejavu-core \
+    >/dev/null
+fi
 # containerd 2.3 is built from its Go module with the machine's Go (Debian 12's is too old).
 ./scripts/containerd-versions.sh >/dev/null
 if [ ! -x .venv/bin/python ]; then

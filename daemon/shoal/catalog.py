@@ -5,7 +5,8 @@ layers) and every tag as `<registry>/<repo>:<tag>` (containerd's image name); th
 only the keys of images it may share (`shoal.tenancy.access`). The catalog is
 rebuilt in full at start, after image events (debounced), after every event-stream break, and
 on a timer (containerd 1.x publishes no event when content is added). Only differences are sent
-to the router: new keys advertised, vanished keys withdrawn.
+to the router: new keys advertised, vanished keys withdrawn. Digests `shoal.integrity`
+quarantined are withdrawn at once and left out until their quarantine is lifted.
 
 containerd 2.1+ publish /content/create when a blob is committed. Its digest is advertised at
 once (debounced), before any image names it: during a rollout, the layers a node has finished
@@ -41,6 +42,18 @@ log = logging.getLogger("shoal.catalog")
 
 # Events come in bursts (a pull creates up to three image records): one rebuild per burst.
 DEBOUNCE = 0.3
+
+
+class StoreListener(Protocol):
+    """Told what the event stream says (shoal.containerd.imagecache.ImageCache)."""
+
+    def changed(self, event: Event) -> None: ...
+
+    def stream_down(self) -> None: ...
+
+    def stream_up(self) -> None:
+        """The stream is live again and the catalog resynced over it."""
+        ...
 
 
 class Advertiser(Protocol):
@@ -102,8 +115,10 @@ class Catalog:
         state_file: Path | None = None,
         holds: Callable[[ContainerdClient, str], Awaitable[bool]] = committed,
         shareable: Callable[[str], Awaitable[bool]] | None = None,
+        listener: StoreListener | None = None,
     ) -> None:
         self.client = client
+        self.listener = listener
         self.router = router
         self.resync_interval = resync_interval
         self.read_keys = read_keys
@@ -111,6 +126,7 @@ class Catalog:
         self.shareable = shareable
         self.state_file = state_file
         self.keys: set[str] = set()
+        self.excluded: set[str] = set()  # quarantined digests: never advertised (`exclude`)
         self._leftover = self._load()  # withdrawn at the first sync unless still held
         self._committed: set[str] = set()  # from /content/create, not yet part of an image
         self._full = False  # whether the next rebuild must re-read everything
@@ -126,6 +142,7 @@ class Catalog:
             keys |= await self._still_committed(keys)
             if self._leftover:
                 await self._router_ready()
+            keys -= self.excluded
             added, removed = keys - self.keys, (self.keys | self._leftover) - keys
             self._leftover = set()
             if removed:
@@ -152,7 +169,9 @@ class Catalog:
     async def add_committed(self) -> None:
         """Advertises the blobs containerd reported committed, without re-reading the store."""
         async with self._lock:
-            added = {d for d in self._committed - self.keys if await self._shareable(d)}
+            added = {
+                d for d in self._committed - self.keys - self.excluded if await self._shareable(d)
+            }
             if not added:
                 return
             await self.router.advertise(added)
@@ -163,6 +182,22 @@ class Catalog:
 
     async def _shareable(self, digest: str) -> bool:
         return self.shareable is None or await self.shareable(digest)
+
+    async def exclude(self, key: str) -> None:
+        """Withdraws `key` at once, and keeps it out of every later sync until `include`."""
+        self.excluded.add(key)
+        async with self._lock:
+            if key in self.keys:
+                self.keys.discard(key)
+                self._save()
+                metrics.ADVERTISED.set(len(self.keys))
+        await self.router.withdraw([key])
+
+    def include(self, key: str) -> None:
+        """`key` may be advertised again: the next sync (soon) does it if the node holds it."""
+        self.excluded.discard(key)
+        self._full = True  # a full rebuild: the key may belong to an image
+        self._dirty.set()
 
     async def _router_ready(self, timeout: float = 30.0) -> None:
         """A withdrawal sent before the router knows any peer reaches nobody: wait a little."""
@@ -201,9 +236,17 @@ class Catalog:
         else:
             self._full = True
         self._dirty.set()
+        if self.listener is not None:
+            self.listener.changed(event)
 
     async def _on_resync(self) -> None:
         await self.sync()
+        if self.listener is not None:
+            self.listener.stream_up()
+
+    def _on_break(self, err: Exception) -> None:
+        if self.listener is not None:
+            self.listener.stream_down()
 
     async def _rebuild_loop(self) -> None:
         while True:
@@ -227,5 +270,7 @@ class Catalog:
     async def run(self) -> None:
         """Runs until cancelled: the event watcher and the rebuild loop."""
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(watch(self.client, self._on_event, self._on_resync))
+            tasks.create_task(
+                watch(self.client, self._on_event, self._on_resync, on_break=self._on_break)
+            )
             tasks.create_task(self._rebuild_loop())

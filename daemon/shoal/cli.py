@@ -1,4 +1,6 @@
-"""The `shoal` command: `run` the daemon, `configure` / `cleanup` containerd's hosts directory."""
+"""The `shoal` command: `run` the daemon, `configure` / `cleanup` containerd's hosts directory;
+for operators, `status` of a node or the cluster, `load` an image archive into the node's
+containerd, and `preheat` an image on some nodes before a rollout."""
 
 from __future__ import annotations
 
@@ -52,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
                 default=True,
                 help="let containerd ask shoal what a tag means (capability `resolve`)",
             )
+    from shoal.load import command as load
+    from shoal.observe import statuscmd
+    from shoal.preheat import command as preheat
+
+    for name, what, module in (
+        ("status", "this node's (or every member's) status as a table", statuscmd),
+        ("load", "load an image archive into the node's containerd", load),
+        ("preheat", "have nodes fetch and keep an image before a rollout", preheat),
+    ):
+        module.add_arguments(sub.add_parser(name, help=what))
     return parser
 
 
@@ -62,6 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from shoal.daemon import run_daemon
 
         return run_daemon(Settings.from_namespace(args))
+    if args.command in ("status", "load", "preheat"):
+        from shoal.load import command as load
+        from shoal.observe import statuscmd
+        from shoal.preheat import command as preheat
+
+        commands = {"status": statuscmd.main, "load": load.main, "preheat": preheat.main}
+        return commands[args.command](args)
     from shoal import hostsconfig
 
     if args.command == "configure":

@@ -13,7 +13,7 @@ from typing import Any
 
 TAG_POLICIES = ("upstream-first", "peers", "digest-only")
 BOOTSTRAP_MODES = ("none", "static", "dns", "kubernetes")
-PEER_TRANSFERS = ("redirect", "relay")
+PEER_TRANSFERS = ("relay", "redirect")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -58,7 +58,33 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("listen", "0.0.0.0:30020", "address of the registry API (host:port)"),
     Option("metrics_listen", "0.0.0.0:30021", "address of /metrics, /healthz and /readyz"),
-    Option("data_dir", "/var/lib/shoal", "directory for the peer identity and the spool"),
+    Option(
+        "data_dir",
+        "/var/lib/shoal",
+        "directory for the peer identity, the spool and the record of verified files",
+    ),
+    Option(
+        "http_header_timeout",
+        10.0,
+        "seconds a client has to send a request's headers once it began",
+        type=float,
+    ),
+    Option(
+        "http_idle_timeout", 60.0, "seconds an idle keep-alive connection stays open", type=float
+    ),
+    Option(
+        "http_write_timeout",
+        30.0,
+        "seconds a client may leave an answer unread (nothing acknowledged) before it is cut",
+        type=float,
+    ),
+    Option(
+        "http_max_connections_per_client",
+        64,
+        "open connections per remote address (this node's own clients are not limited)",
+        type=int,
+    ),
+    Option("http_max_connections", 1024, "open connections from remote addresses in all", type=int),
     Option("log_level", "info", "log level", choices=LOG_LEVELS),
     Option("p2p_listen", "0.0.0.0:30022", "libp2p listen address (host:port)"),
     Option("p2p_announce", "", "address peers reach this node at (default: first non-loopback)"),
@@ -123,12 +149,36 @@ OPTIONS: tuple[Option, ...] = (
     Option("tag_ttl", 5.0, "seconds an upstream tag answer is reused", type=float),
     Option("upstream_credentials", "", "docker config.json style credentials file for upstreams"),
     Option("upstream_insecure", [], "registries reached over plain HTTP (comma list)", type=_csv),
+    Option("upstream_connect_timeout", 3.0, "seconds to connect to an upstream", type=float),
+    Option(
+        "upstream_first_byte_timeout",
+        3.0,
+        "seconds an upstream has to answer a request once connected (status and headers)",
+        type=float,
+    ),
+    Option("upstream_read_timeout", 30.0, "seconds an upstream body may stay silent", type=float),
+    Option(
+        "upstream_breaker_failures",
+        3,
+        "consecutive failures (no connection, no answer in time, 502/503/504) after which "
+        "an upstream is not asked for a while: misses are answered at once",
+        type=int,
+    ),
+    Option(
+        "upstream_breaker_cooldown",
+        10.0,
+        "seconds before an upstream that stopped answering is probed again (doubles per "
+        "failed probe, up to 60)",
+        type=float,
+    ),
     Option("resync_interval", 60.0, "seconds between full re-reads of the store", type=float),
     Option("spool_max_bytes", 10 * 1024**3, "bytes the in-flight spool may hold", type=int),
     Option(
         "peer_transfer",
-        "redirect",
-        "blob bodies a peer holds: redirect containerd to the peer, or relay them through here",
+        "relay",
+        "blob bodies a peer holds: relay them through this node's spool (holders under progress "
+        "deadlines), or redirect containerd to the peer (cheaper, but a holder that stalls "
+        "stalls the pull)",
         choices=PEER_TRANSFERS,
     ),
     Option(
@@ -138,6 +188,14 @@ OPTIONS: tuple[Option, ...] = (
         "(0: each blob is fetched when containerd asks for it)",
         type=int,
     ),
+    Option(
+        "scrub_interval",
+        86400.0,
+        "seconds within which every file of the content store shoal verified is hashed again",
+        type=float,
+    ),
+    Option("scrub_min_rate", 4 * 1024**2, "bytes/s the scrub reads at least", type=int),
+    Option("scrub_max_rate", 64 * 1024**2, "bytes/s the scrub reads at most", type=int),
 )
 
 
@@ -151,6 +209,11 @@ class Settings:
     listen: str
     metrics_listen: str
     data_dir: str
+    http_header_timeout: float
+    http_idle_timeout: float
+    http_write_timeout: float
+    http_max_connections_per_client: int
+    http_max_connections: int
     log_level: str
     p2p_listen: str
     p2p_announce: str
@@ -172,10 +235,18 @@ class Settings:
     tag_ttl: float
     upstream_credentials: str
     upstream_insecure: list[str]
+    upstream_connect_timeout: float
+    upstream_first_byte_timeout: float
+    upstream_read_timeout: float
+    upstream_breaker_failures: int
+    upstream_breaker_cooldown: float
     resync_interval: float
     spool_max_bytes: int
     peer_transfer: str
     ordered_streams: int
+    scrub_interval: float
+    scrub_min_rate: int
+    scrub_max_rate: int
 
     @classmethod
     def defaults(cls, **overrides: Any) -> Settings:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
 
 from aiohttp import web
 
@@ -16,23 +14,39 @@ from shoal import logs, metrics
 from shoal.catalog import Catalog, node_images
 from shoal.config import Settings
 from shoal.containerd.client import ContainerdClient
+from shoal.containerd.imagecache import ImageCache
+from shoal.containerd.ingest import IngestClient
+from shoal.content.model import Source
 from shoal.fetch.designate import Designation
 from shoal.fetch.imageorder import OrderedFetches
 from shoal.fetch.sharing import SharedFetches
 from shoal.fetch.spool import Spool
+from shoal.health import ContainerdHealth, health_app
+from shoal.integrity.guard import Integrity
+from shoal.integrity.ledger import Ledger, keep_saved
+from shoal.integrity.scrub import Scrub, ScrubSettings
+from shoal.observe.facts import NodeParts
+from shoal.observe.recorder import LastProblem, Recorder
+from shoal.observe.routes import add_status_routes
+from shoal.observe.timing import TimedLookup, TimedTags
 from shoal.oci.digest import Digest
+from shoal.preheat.admin import HOLD_PATH, Coordinator, PreheatedStore, admin_routes, hold
+from shoal.preheat.keeper import Keeper
 from shoal.registry.app import make_app
+from shoal.registry.httpserver import RegistryRunner, ServerLimits
 from shoal.registry.transfer import PeerTransfer
 from shoal.routing.base import Peer, Router
 from shoal.routing.factory import make_router
+from shoal.sources.holders import Holders
 from shoal.sources.inflight import InFlightSource
 from shoal.sources.local import LocalSource
 from shoal.sources.nodestore import ContainerdStore
-from shoal.sources.peers import PeerSource, ProviderLookup
+from shoal.sources.peers import PeerSource
+from shoal.sources.spooled import SpooledPeers
 from shoal.sources.tags import TagPolicy
 from shoal.sources.upstream import UpstreamFetcher
 from shoal.tenancy.access import Access
-from shoal.tenancy.admission import Admission, is_local, parse_networks
+from shoal.tenancy.admission import Admission, parse_networks
 from shoal.tenancy.credentialed import CredentialedUpstream
 from shoal.tenancy.gate import AnonymousUpstream, gated_chain
 from shoal.tenancy.keys import load_cluster_key
@@ -51,70 +65,39 @@ SHUTDOWN_GRACE = 10.0
 def split_host_port(address: str) -> tuple[str, int]:
     """`host:port`, `[v6]:port` or `:port` (all interfaces)."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()):
         raise ValueError(f"address needs a port: {address!r}")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
 
 
-class RoutingView(ProviderLookup, Protocol):
-    def ready(self) -> bool: ...
-
-
-def health_app(ready: Callable[[], bool], router: RoutingView) -> web.Application:
-    async def healthz(_: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def readyz(_: web.Request) -> web.Response:
-        ok = ready()
-        return web.Response(status=200 if ok else 503, text="ready\n" if ok else "not ready\n")
-
-    async def metrics_view(_: web.Request) -> web.Response:
-        return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
-
-    async def providers(request: web.Request) -> web.Response:
-        """Which peers the DHT names for a key: what this node's pulls would try. Asked from
-        the node itself only: a lookup costs the cluster work."""
-        if not is_local(request.remote):
-            return web.json_response({"error": "ask from the node itself"}, status=403)
-        key = request.query.get("key", "")
-        if not key or len(key) > 512:
-            return web.json_response({"error": "?key=<digest or registry/repo:tag>"}, status=400)
-        if not router.ready():  # not started, or no peer yet: nothing to ask
-            return web.json_response({"error": "routing not ready"}, status=503)
-        found = [{"id": p.id, "address": p.address} async for p in router.lookup(key, 20)]
-        return web.json_response({"key": key, "providers": found})
-
-    app = web.Application()
-    app.router.add_get("/debug/providers", providers)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_view)
-    return app
-
-
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.client = ContainerdClient(
+        # The write side too: preheated images are written into the node's store.
+        self.client = IngestClient(
             settings.containerd_socket,
             namespace=settings.containerd_namespace,
             content_root=settings.content_root or None,
         )
         key = load_cluster_key(settings.cluster_key_file)
+        self.signer = PeerSigner(key, self._my_id)
         port = split_host_port(settings.listen)[1]
         self.router: Router = make_router(settings, port, psk=key.p2p_psk())
-        self.refusals = Refusals()
+        self.recorder = Recorder()
+        self.refusals = Refusals(listener=self.recorder.refused)
         self.admission = Admission(
             key,
             self._my_id,
             local_networks=parse_networks(settings.local_addresses),
             refused=self.refusals,
         )
-        self.peers = PeerSource(self.router, signer=PeerSigner(key, self._my_id))
+        self.holders = Holders()
+        self.peers = PeerSource(TimedLookup(self.router), holders=self.holders, signer=self.signer)
+        self.problems = LastProblem()
+        self.containerd_version = ""
         self.transfer = PeerTransfer(
-            redirect=settings.peer_transfer == "redirect",
-            relay_timeout=self.peers.settings.read_timeout,
+            redirect=settings.peer_transfer == "redirect", asked=self.holders
         )
         # The registry and the spool verify every byte already; a third hash would only cost.
         # Everything fetched for the cluster goes anonymously; credentials serve this node only.
@@ -136,6 +119,9 @@ class Daemon:
             on_change=lambda: self.catalog.poke(),
             listed=self.upstream.allowlist.registries,
         )
+        self.health = ContainerdHealth(self.client)
+        # Image records for requests, kept while the catalog's event stream says nothing changed.
+        self.images = ImageCache(self.client, available=lambda: self.health.ok)
         self.catalog = Catalog(
             self.client,
             self.router,
@@ -143,8 +129,20 @@ class Daemon:
             read_keys=self._shareable_keys,
             state_file=Path(settings.data_dir) / "advertised.json",
             shareable=self._committed_shareable,
+            listener=self.images,
         )
-        self.store = ContainerdStore(self.client)
+        self.keeper: Keeper | None = None
+        self.ledger = Ledger(Path(settings.data_dir) / "verified.json")
+        self.catalog.excluded.update(self.ledger.quarantined())
+        self.integrity = Integrity(self.ledger, self.catalog)
+        self.store = ContainerdStore(self.images)
+        self.limits = ServerLimits(
+            header_timeout=settings.http_header_timeout,
+            idle_timeout=settings.http_idle_timeout,
+            write_timeout=settings.http_write_timeout,
+            max_per_client=settings.http_max_connections_per_client,
+            max_connections=settings.http_max_connections,
+        )
         self.spool = Spool(
             Path(settings.data_dir) / "spool",
             settings.spool_max_bytes,
@@ -153,27 +151,30 @@ class Daemon:
         self.runners: list[web.AppRunner] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.routing_metrics: metrics.RoutingCollector | None = None
-        self.containerd_ok = False
         self.ordered: OrderedFetches | None = None
 
     def ready(self) -> bool:
-        return self.containerd_ok and self.catalog.synced.is_set() and self.router.ready()
+        return self.health.ok and self.catalog.synced.is_set() and self.router.ready()
 
     async def start(self) -> None:
         await self.client.connect()
         version = await self.client.version()
         root = await self.client.content_root()
-        self.containerd_ok = True
+        self.containerd_version = version
+        logging.getLogger("shoal").addHandler(self.problems)
         log.info(
             "containerd %s, namespace %s, content %s",
             version,
             self.settings.containerd_namespace,
             root,
         )
-        local = LocalSource(self.store)
+        keeper_sources: list[Source] = []  # filled once the chain exists
+        self.keeper = keeper = Keeper(self.client, _Sources(keeper_sources), on_change=self._resync)
+        local = LocalSource(PreheatedStore(self.store, keeper), self.integrity)
         upstream = AnonymousUpstream(self.upstream, self.access)
         sharing = SharedFetches(self.spool, self.router)
         inflight = InFlightSource(sharing)
+        peers = SpooledPeers(self.peers, sharing, self.transfer)
 
         ordered = None
         if self.settings.ordered_streams > 0:
@@ -183,9 +184,7 @@ class Daemon:
                 upstream=lambda ref, digest: upstream.find(ref, digest, "blob"),
                 start=sharing.start,
                 streams=self.settings.ordered_streams,
-                # Blobs other nodes relay must not wait longer than they wait for a peer.
                 ungated_below=self.transfer.redirect_min,
-                hold=self.transfer.longest_silence(),
             )
         self.ordered = ordered
         images = None if ordered is None else ordered.images
@@ -193,54 +192,122 @@ class Daemon:
 
         def fetcher(delegate: bool) -> UpstreamFetcher:
             return UpstreamFetcher(
-                upstream, sharing, designation, self.peers, delegate=delegate, ordered=ordered
+                upstream, sharing, designation, peers, delegate=delegate, ordered=ordered
             )
 
         chain = gated_chain(
             local=local,
             inflight=inflight,
-            peers=self.peers,
+            peers=peers,
             fetch_for_containerd=fetcher(True),
             fetch_for_peers=fetcher(False),
             access=self.access,
             refused=self.refusals,
-            tags=TagPolicy(self.settings.tag_policy, upstream),
+            tags=TimedTags(TagPolicy(self.settings.tag_policy, upstream)),
             private=self.credentialed,
             denied=upstream.denied,
         )
+        keeper_sources.extend(chain.sources)
         # The registry first: bootstrap of other nodes asks it for this node's peer ID.
         app = make_app(
             chain,
             p2p_info=lambda: self.router.node_info().to_json(),
             transfer=self.transfer,
             admission=self.admission,
+            recorder=self.recorder,
+            posts={HOLD_PATH: lambda request: hold(request, keeper)},
         )
         await self._serve(app, self.settings.listen, "registry")
-        await self._serve(
-            health_app(self.ready, self.router), self.settings.metrics_listen, "metrics"
+        health = health_app(self.ready, self.router)
+        add_status_routes(health, self._parts())
+        signer = self.signer
+        coordinator = Coordinator(
+            chain,
+            keeper,
+            self._me,
+            self.router.members,
+            sign=lambda method, path: signer.headers(method, path, None, False),
         )
+        admin_routes(health, coordinator, keeper)
+        await self._serve(health, self.settings.metrics_listen, "metrics")
         await self.router.start()
         self.routing_metrics = metrics.watch_routing(self.router.stats)
-        for work, name in ((self.catalog.run(), "catalog"), (self._gauges(), "gauges")):
+        s = self.settings
+        scrub = Scrub(
+            self.integrity,
+            self.client.blob_path,
+            ScrubSettings(s.scrub_interval, s.scrub_min_rate, s.scrub_max_rate),
+        )
+        for work, name in (
+            (self.catalog.run(), "catalog"),
+            (self.health.run(), "containerd-health"),
+            (scrub.run(), "scrub"),
+            (keep_saved(self.ledger), "ledger"),
+            (self._gauges(), "gauges"),
+            (keeper.run(), "preheat"),
+        ):
             task = asyncio.create_task(work, name=name)
             task.add_done_callback(_report_death)
             self.tasks.append(task)
 
     async def _serve(self, app: web.Application, address: str, what: str) -> None:
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
+        runner = RegistryRunner(app, self.limits, shutdown_timeout=SHUTDOWN_GRACE)
         await runner.setup()
         host, port = split_host_port(address)
         await web.TCPSite(runner, host, port, reuse_address=True).start()
         self.runners.append(runner)
         log.info("%s listening on %s", what, address)
 
+    def _parts(self) -> NodeParts:
+        """What the status page shows, as the parts' own accessors."""
+        return NodeParts(
+            ready=self.ready,
+            checks=lambda: {
+                "containerd": self.health.ok,
+                "catalog synced": self.catalog.synced.is_set(),
+                "routing": self.router.ready(),
+            },
+            node_info=self.router.node_info,
+            members=self.router.members,
+            advertised=lambda: self.catalog.keys,
+            listen=self.settings.listen,
+            metrics_listen=self.settings.metrics_listen,
+            containerd_version=lambda: self.containerd_version,
+            namespace=self.settings.containerd_namespace,
+            recorder=self.recorder,
+            problems=self.problems,
+            preheats=lambda: self.keeper.to_json() if self.keeper else [],
+            quarantined=lambda: [
+                {"digest": d, "reason": "this node's copy did not match its digest"}
+                for d in self.ledger.quarantined()[-50:]
+            ],
+        )
+
+    def _resync(self) -> None:
+        """Advertises (or withdraws) what the preheat keeper changed, now."""
+
+        async def sync() -> None:
+            try:
+                await self.catalog.sync()
+            except Exception as exc:  # the periodic resync retries
+                log.warning("catalog sync after a preheat change failed: %s", exc)
+
+        task = asyncio.ensure_future(sync())
+        self.tasks.append(task)
+        task.add_done_callback(lambda t: self.tasks.remove(t) if t in self.tasks else None)
+
     async def _gauges(self) -> None:
         while True:
             metrics.PEERS.set(len(self.router.members()))
+            metrics.SPOOL_BYTES.set(self.spool.used)
+            metrics.SPOOL_FETCHES.set(len(self.spool.fetches))
             await asyncio.sleep(2.0)
 
     async def _shareable_keys(self, client: ContainerdClient) -> set[str]:
-        return self.access.update(await node_images(client))
+        """What the node holds and may share, and what it keeps for preheats (fetched
+        anonymously for the cluster, so shareable)."""
+        keys = self.access.update(await node_images(client))
+        return keys | (self.keeper.keys() if self.keeper is not None else set())
 
     async def _committed_shareable(self, digest: str) -> bool:
         """A blob containerd committed before any image names it."""
@@ -267,6 +334,9 @@ class Daemon:
             await runner.cleanup()
         if self.routing_metrics is not None:
             metrics.REGISTRY.unregister(self.routing_metrics)
+        if self.keeper is not None:
+            await self.keeper.close()
+        await self.integrity.close()
         if self.ordered is not None:
             await self.ordered.close()
         await self.access.close()
@@ -277,6 +347,7 @@ class Daemon:
         await self.peers.close()
         await self.router.stop()
         await self.client.close()
+        logging.getLogger("shoal").removeHandler(self.problems)
 
 
 def _report_death(task: asyncio.Task[None]) -> None:
@@ -308,3 +379,10 @@ def run_daemon(settings: Settings) -> int:
     except Exception as exc:  # a start-up failure: one clear line, then a non-zero exit
         log.error("shoal failed: %s", exc, exc_info=settings.log_level == "debug")
         return 1
+
+
+class _Sources:
+    """The chain's sources for containerd, for the preheat keeper (made before the chain)."""
+
+    def __init__(self, sources: list[Source]) -> None:
+        self.sources = sources

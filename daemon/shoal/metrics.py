@@ -53,6 +53,99 @@ VERIFY_FAILURES = Counter(
     ["source"],
     registry=REGISTRY,
 )
+UPSTREAM_CIRCUITS_OPEN = Gauge(
+    "shoal_upstream_circuits_open",
+    "Upstream origins (registries, token realms, storage) not asked because they stopped answering",
+    registry=REGISTRY,
+)
+REJECTED = Counter(
+    "shoal_rejected_requests_total",
+    "Requests and connections refused before any route ran, by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+CUT = Counter(
+    "shoal_connections_cut_total",
+    "Client connections closed by shoal's deadlines, by which deadline",
+    ["deadline"],
+    registry=REGISTRY,
+)
+QUARANTINED = Counter(
+    "shoal_quarantined_total",
+    "Digests this node quarantined because its own copy did not match, by what found it",
+    ["found_by"],
+    registry=REGISTRY,
+)
+QUARANTINED_DIGESTS = Gauge(
+    "shoal_quarantined_digests", "Digests this node holds but will not serve", registry=REGISTRY
+)
+VERIFIED_FILES = Gauge(
+    "shoal_verified_files",
+    "Files of the node's content store on record as hashed in full and matching",
+    registry=REGISTRY,
+)
+SCRUBBED_BYTES = Counter(
+    "shoal_scrubbed_bytes_total", "Bytes the background scrub re-hashed", registry=REGISTRY
+)
+HOLDERS_ABANDONED = Counter(
+    "shoal_peer_holders_abandoned_total",
+    "Peer downloads moved to another holder, by why (silent, failed, mismatch)",
+    ["reason"],
+    registry=REGISTRY,
+)
+
+
+# Per registry (`ns`) and source, counted once per answer by shoal.observe.middleware.
+PULLS = Counter(
+    "shoal_pulls_total",
+    "Manifests and blobs answered, by registry (`ns`), source and kind",
+    ["registry", "source", "kind"],
+    registry=REGISTRY,
+)
+PULL_BYTES = Counter(
+    "shoal_pull_bytes_total",
+    "Body bytes answered by registry and source (a redirect counts the blob the client fetched)",
+    ["registry", "source"],
+    registry=REGISTRY,
+)
+STREAMS = Gauge(
+    "shoal_inflight_streams", "GET answers of the pull API under way right now", registry=REGISTRY
+)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+LOOKUP_DURATION = Histogram(
+    "shoal_lookup_duration_seconds",
+    "Time to ask the routing layer which peers hold a key",
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+RESOLVE_DURATION = Histogram(
+    "shoal_resolve_duration_seconds",
+    "Time to decide what a tag means (the tag policy), by whether it was found",
+    ["result"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+UPSTREAM_ERRORS = Counter(
+    "shoal_upstream_errors_total",
+    "Upstream answers and attempts that failed (retried or not), by registry host and reason",
+    ["registry", "reason"],
+    registry=REGISTRY,
+)
+UPSTREAM_THROTTLED = Counter(
+    "shoal_upstream_throttled_total",
+    "429 Too Many Requests answers from upstream registries",
+    ["registry"],
+    registry=REGISTRY,
+)
+SPOOL_BYTES = Gauge(
+    "shoal_spool_bytes", "Bytes of blobs in the spool (fetching or kept)", registry=REGISTRY
+)
+SPOOL_FETCHES = Gauge(
+    "shoal_spool_fetches", "Blobs in the spool (fetching or kept)", registry=REGISTRY
+)
+PREHEATS = Gauge(
+    "shoal_preheats", "Images this node keeps for a preheat, by state", ["state"], registry=REGISTRY
+)
 
 
 # The router's stats: help texts, and which are levels rather than running totals.

@@ -56,6 +56,10 @@ class FileStore(MemoryStore):
         (self.root / digest.hex).write_bytes(data)
         return digest
 
+    async def content_size(self, digest: Digest) -> int | None:
+        path = self.root / digest.hex  # the file's size, as the containerd store reads it
+        return path.stat().st_size if path.exists() else None
+
     def content_path(self, digest: Digest) -> str | None:
         path = self.root / digest.hex
         return str(path) if path.exists() else None

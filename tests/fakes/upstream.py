@@ -18,7 +18,7 @@ from shoal.upstream import RetryPolicy, Timeouts, UpstreamSource
 from tests.fakes.registries import FakeRegistry
 
 FAST_RETRY = RetryPolicy(attempts=3, backoff=0.01, max_backoff=0.05, max_retry_after=5)
-FAST_TIMEOUTS = Timeouts(connect=2, read=2, operation=15)
+FAST_TIMEOUTS = Timeouts(connect=2, first_byte=2, read=2, operation=15)
 
 
 class Clock:

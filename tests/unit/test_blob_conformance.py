@@ -170,7 +170,7 @@ async def _peer(origin: bytes, env: Env) -> AsyncIterator[Blob]:
     me = MemoryRouter(net, Peer("me", "127.0.0.1:1"))
     await holder.advertise([str(DIGEST)])
     signer = PeerSigner(ClusterKey(b"a key of the blob conformance tests"), lambda: "me")
-    peers = PeerSource(me, PeerSettings(read_timeout=5.0), signer=signer)
+    peers = PeerSource(me, PeerSettings(), signer=signer)
     env.stack.push_async_callback(peers.close)
     yield found(await peers.find(REF, DIGEST, "blob"))
 
@@ -284,7 +284,7 @@ async def test_reads_give_exactly_the_bytes_asked_for(name: str, env: Env) -> No
         assert isinstance(delivery, Delivery)
         assert delivery.verified == (name in SELF_VERIFYING and name != "upstream")
         if delivery.local_file is not None:
-            assert await asyncio.to_thread(Path(delivery.local_file).read_bytes) == DATA
+            assert await asyncio.to_thread(Path(delivery.local_file.path).read_bytes) == DATA
 
 
 @pytest.mark.parametrize("name", CASES)

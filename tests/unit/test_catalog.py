@@ -181,3 +181,31 @@ async def test_content_events_advertise_promptly_and_never_delay_the_resync() ->
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
+
+
+async def test_a_quarantined_digest_is_withdrawn_and_kept_out_until_included_again() -> None:
+    """Quarantine (shoal.integrity) withdraws a digest at once; neither a full rebuild nor a
+    /content/create of it advertises it again until it is included again."""
+    router, observer = await routers()
+    store = Store("sha256:bad", "sha256:good")
+    catalog = Catalog(None, router, 3600, read_keys=store.read_keys, holds=store.holds)  # type: ignore[arg-type]
+    await catalog.sync()
+    await catalog.exclude("sha256:bad")
+    await catalog.exclude("sha256:late")
+    assert await providers(observer, "sha256:bad") == []
+    await catalog.sync()
+    store.blobs.add("sha256:late")
+    await catalog._on_event(content_create("sha256:late"))
+    await catalog.add_committed()
+    assert await providers(observer, "sha256:bad") == []
+    assert await providers(observer, "sha256:late") == []
+    assert await providers(observer, "sha256:good") == ["me"]
+    loop = asyncio.create_task(catalog._rebuild_loop())
+    try:
+        catalog.include("sha256:bad")  # a new copy matched: the loop advertises it soon
+        async with asyncio.timeout(10):
+            while await providers(observer, "sha256:bad") != ["me"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)

@@ -37,7 +37,7 @@ async def test_debug_providers_answers_503_until_routing_is_ready() -> None:
     from aiohttp import ClientSession
     from aiohttp.test_utils import TestServer
 
-    from shoal.daemon import health_app
+    from shoal.health import health_app
     from shoal.routing import Peer
     from tests.fakes.router import MemoryNetwork, MemoryRouter
 

@@ -5,99 +5,30 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from shoal.registry.app import make_app
 from shoal.registry.protocol import PEER_HEADER
-from shoal.registry.transfer import PeerTransfer
-from shoal.routing import Peer
 from shoal.sources.chain import SourceChain
 from shoal.sources.local import LocalSource
-from shoal.sources.peers import PeerSettings, PeerSource
-from shoal.tenancy.admission import Admission
-from shoal.tenancy.keys import ClusterKey
 from shoal.tenancy.signer import PeerSigner
 from shoal.tenancy.tokens import CAP_QUERY
 from tests.fakes.images import LAYER, NS, build_image
-from tests.fakes.router import MemoryNetwork, MemoryRouter
+from tests.fakes.signing import KEY, admission
 from tests.fakes.store import MemoryStore
-
-KEY = ClusterKey(b"the cluster key of the peer tests, 32+ bytes")
-
-
-def admission(name: str) -> Admission:
-    """What node `name` admits: its own containerd (loopback) and signed peers."""
-    return Admission(KEY, lambda: name)
-
-
-class Cluster:
-    def __init__(self) -> None:
-        self.net = MemoryNetwork()
-        self.servers: list[TestServer] = []
-        self.lookups: list[str] = []
-
-    async def node(
-        self,
-        name: str,
-        store: MemoryStore | None = None,
-        app: web.Application | None = None,
-        header_timeout: float = 1.0,
-        redirect: bool = False,
-    ) -> tuple[TestServer, MemoryRouter]:
-        """A node; it relays peers' bytes itself unless `redirect` (then even small blobs)."""
-        store = store or MemoryStore()
-        holder: dict[str, MemoryRouter] = {}
-        settings = PeerSettings(hedge_after=0.1, header_timeout=header_timeout, read_timeout=1.0)
-        signer = PeerSigner(KEY, lambda: name)
-        peers = PeerSource(_Counting(holder, self.lookups), settings, signer=signer)
-        local = LocalSource(store)
-        transfer = PeerTransfer(redirect=redirect, redirect_min=0)
-        chain = SourceChain([local, peers], [local])
-        app = app or make_app(chain, transfer=transfer, admission=admission(name))
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        router = MemoryRouter(self.net, Peer(name, f"127.0.0.1:{server.port}"))
-        holder["r"] = router
-        await router.start()
-        self.servers.append(server)
-        return server, router
-
-    async def close(self) -> None:
-        for server in self.servers:
-            await server.close()
-
-
-class _Counting:
-    """The node's router, counting lookups (the router is made after the server's port)."""
-
-    def __init__(self, holder: dict[str, MemoryRouter], log: list[str]) -> None:
-        self.holder, self.log = holder, log
-
-    def lookup(self, key: str, limit: int = 3) -> AsyncIterator[Peer]:
-        self.log.append(key)
-        return self.holder["r"].lookup(key, limit)
+from tests.unit.peer_cluster import Cluster, get
 
 
 @pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    c = Cluster()
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    c = Cluster(tmp_path)
     yield c
     await c.close()
-
-
-async def get(
-    url: str, headers: dict[str, str] | None = None, *, follow: bool = True, method: str = "GET"
-) -> tuple[int, bytes, dict]:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.request(method, url, headers=headers or {}, allow_redirects=follow) as resp,
-    ):
-        return resp.status, await resp.read(), dict(resp.headers)
 
 
 async def test_blob_and_tag_come_from_a_peer(cluster: Cluster) -> None:

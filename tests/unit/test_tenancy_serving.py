@@ -17,6 +17,7 @@ from shoal.oci.names import Reference, make_reference
 from shoal.registry.app import make_app
 from shoal.registry.transfer import PeerTransfer
 from shoal.routing import Peer
+from shoal.sources.download import Deadlines
 from shoal.sources.local import LocalSource
 from shoal.sources.peers import PeerSettings, PeerSource
 from shoal.sources.tags import TagPolicy
@@ -88,7 +89,8 @@ class Node:
         tags: TagPolicy | None = None,
     ) -> Node:
         router = MemoryRouter(self.net, Peer(self.name, "127.0.0.1:0"))
-        self.peers = PeerSource(router, PeerSettings(header_timeout=2.0), signer=self.signer)
+        settings = PeerSettings(deadlines=Deadlines(header_timeout=2.0))
+        self.peers = PeerSource(router, settings, signer=self.signer)
         chain = gated_chain(
             local=LocalSource(self.store),
             inflight=Nothing(),

@@ -1,27 +1,32 @@
-"""Writing to containerd: content (Write, Abort, ingest statuses) and leases.
+"""Writing to containerd: content (Write, label updates, Abort, ingest statuses), image records
+and leases.
 
-The daemon only reads; these calls are for putting images into a node's store, as the coming
-`shoal load` command will (issue 16). Until then the e2e tests are their only users.
+The daemon's serving path only reads; these calls put images into a node's store: `shoal load`,
+preheating, and the e2e tests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 import grpc
+from google.protobuf import field_mask_pb2
 
-from shoal.containerd.api import content_pb2, leases_pb2
+from shoal.containerd.api import content_pb2, images_pb2, leases_pb2, types_pb2
 from shoal.containerd.client import ContainerdClient
 from shoal.containerd.model import (
     ContainerdError,
     ContainerdNotFound,
+    Image,
     IngestStatus,
     Lease,
     rpc_error,
 )
+from shoal.oci.manifest import RawDescriptor
 
 WRITE_CHUNK = 1024 * 1024
 LEASE_EXPIRE_LABEL = "containerd.io/gc.expire"
@@ -45,31 +50,66 @@ class IngestClient(ContainerdClient):
         again. Without a `lease` (or an image referencing it) the blob is garbage collectable.
         """
         digest = expected or "sha256:" + hashlib.sha256(data).hexdigest()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for pos in range(0, len(data), WRITE_CHUNK):
+                yield data[pos : pos + WRITE_CHUNK]
+
+        return await self.write_stream(
+            chunks(), len(data), digest, ref=ref or f"shoal-{digest}", labels=labels, lease=lease
+        )
+
+    async def write_stream(
+        self,
+        chunks: AsyncIterator[bytes],
+        total: int,
+        expected: str | Callable[[], str],
+        *,
+        ref: str,
+        labels: Mapping[str, str] | None = None,
+        lease: str | None = None,
+    ) -> str:
+        """Streams `total` bytes into the content store under ingest `ref` and commits them as
+        `expected`, which may be a callable asked only once every chunk was sent (the caller
+        hashes as it reads, or checks the digest it expects: raising there aborts the write
+        before anything is committed). containerd verifies the digest again on commit.
+
+        Returns the committed digest; content already present counts as committed. On any
+        failure the unfinished ingest is aborted.
+        """
         metadata = self._metadata + ((("containerd-lease", lease),) if lease else ())
         call = self._api.content.Write(metadata=metadata)
-        ref = ref or f"shoal-{digest}"
-        total = len(data)
+        known = expected if isinstance(expected, str) else ""
         pos = 0
+        committed = False
         try:
-            while True:
-                chunk = data[pos : pos + WRITE_CHUNK]
-                last = pos + len(chunk) >= total
-                request = content_pb2.WriteContentRequest(
-                    action=content_pb2.COMMIT if last else content_pb2.WRITE,
-                    ref=ref,
-                    total=total,
-                    expected=digest,
-                    offset=pos,
-                    data=chunk,
-                    labels=dict(labels or {}) if last else None,
-                )
-                await call.write(request)
-                resp = await call.read()
-                if resp is grpc.aio.EOF:
-                    raise ContainerdError(f"write {digest}: stream closed at {pos} bytes")
+            async for chunk in chunks:
+                if not chunk:
+                    continue
+                if pos + len(chunk) > total:
+                    raise ContainerdError(f"write {ref}: more than the {total} bytes announced")
+                await call.write(
+                    content_pb2.WriteContentRequest(
+                        action=content_pb2.WRITE, ref=ref, total=total, expected=known,
+                        offset=pos, data=chunk,
+                    )
+                )  # fmt: skip
+                if await call.read() is grpc.aio.EOF:
+                    raise ContainerdError(f"write {ref}: stream closed at {pos} bytes")
                 pos += len(chunk)
-                if last:
-                    break
+            if pos != total:
+                raise ContainerdError(f"write {ref}: {pos} of {total} bytes")
+            digest = expected if isinstance(expected, str) else expected()
+            await call.write(
+                content_pb2.WriteContentRequest(
+                    action=content_pb2.COMMIT, ref=ref, total=total, expected=digest,
+                    offset=pos, labels=dict(labels or {}),
+                )
+            )  # fmt: skip
+            resp = await call.read()
+            if resp is grpc.aio.EOF:
+                raise ContainerdError(f"write {ref}: stream closed before the commit answer")
+            committed = True
             await call.done_writing()
             # containerd sends the commit response twice; drain to end the call cleanly.
             while await call.read() is not grpc.aio.EOF:
@@ -77,10 +117,63 @@ class IngestClient(ContainerdClient):
             return resp.digest or digest
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.ALREADY_EXISTS:
-                return digest
-            raise rpc_error(err, f"write {digest}") from err
+                committed = True
+                return expected if isinstance(expected, str) else expected()
+            raise rpc_error(err, f"write {ref}") from err
         finally:
             call.cancel()
+            if not committed:
+                with contextlib.suppress(ContainerdError):
+                    await self.abort(ref)
+
+    async def update_labels(self, digest: str, labels: Mapping[str, str]) -> None:
+        """Sets `labels` on committed content, leaving its other labels as they are."""
+        await self._unary(
+            f"update labels of {digest}",
+            self._api.content.Update,
+            content_pb2.UpdateRequest(
+                info=content_pb2.Info(digest=digest, labels=dict(labels)),
+                update_mask=field_mask_pb2.FieldMask(paths=[f"labels.{k}" for k in labels]),
+            ),
+        )
+
+    async def create_image(
+        self, name: str, target: RawDescriptor, labels: Mapping[str, str] | None = None
+    ) -> Image:
+        resp = await self._unary(
+            f"create image {name}",
+            self._api.images.Create,
+            images_pb2.CreateImageRequest(image=_image(name, target, labels or {})),
+        )
+        return Image.from_proto(resp.image)
+
+    async def update_image(
+        self, name: str, target: RawDescriptor, labels: Mapping[str, str] | None = None
+    ) -> Image:
+        """Points an existing image at `target` and sets `labels` (others are kept)."""
+        labels = dict(labels or {})
+        resp = await self._unary(
+            f"update image {name}",
+            self._api.images.Update,
+            images_pb2.UpdateImageRequest(
+                image=_image(name, target, labels),
+                update_mask=field_mask_pb2.FieldMask(
+                    paths=["target", *(f"labels.{k}" for k in labels)]
+                ),
+            ),
+        )
+        return Image.from_proto(resp.image)
+
+    async def delete_image(self, name: str, *, sync: bool = False) -> None:
+        """Deletes an image record; a missing one is not an error."""
+        try:
+            await self._unary(
+                f"delete image {name}",
+                self._api.images.Delete,
+                images_pb2.DeleteImageRequest(name=name, sync=sync),
+            )
+        except ContainerdNotFound:
+            pass
 
     async def abort(self, ref: str) -> None:
         """Drops an unfinished write."""
@@ -126,8 +219,28 @@ class IngestClient(ContainerdClient):
         except ContainerdNotFound:
             pass
 
+    async def add_lease_resource(self, lease_id: str, digest: str) -> None:
+        """Puts committed content under a lease (kept from GC while the lease lives)."""
+        await self._unary(
+            "add lease resource",
+            self._api.leases.AddResource,
+            leases_pb2.AddResourceRequest(
+                id=lease_id, resource=leases_pb2.Resource(id=digest, type="content")
+            ),
+        )
+
     async def list_leases(self, filters: Sequence[str] = ()) -> list[Lease]:
         resp = await self._unary(
             "list leases", self._api.leases.List, leases_pb2.ListRequest(filters=list(filters))
         )
         return [Lease.from_proto(lease) for lease in resp.leases]
+
+
+def _image(name: str, target: RawDescriptor, labels: Mapping[str, str]) -> images_pb2.Image:
+    return images_pb2.Image(
+        name=name,
+        labels=dict(labels),
+        target=types_pb2.Descriptor(
+            media_type=target.media_type, digest=target.digest, size=target.size
+        ),
+    )

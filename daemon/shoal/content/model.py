@@ -8,7 +8,7 @@ capability, never by a Blob's type.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -58,21 +58,37 @@ class GrowingFile(Protocol):
         ...
 
 
+class LocalFile(Protocol):
+    """A whole, immutable file of the node's content store, sent by sendfile()."""
+
+    @property
+    def path(self) -> str: ...
+
+    def regions(self, fd: int, start: int, end: int) -> AsyncIterator[tuple[int, int]]:
+        """(offset, length) pieces of [start, end) of the open file `fd`, the last one only
+        once the file is known to match its digest; raises DigestMismatch when it does not."""
+        ...
+
+
 @dataclass(frozen=True)
 class Delivery:
     """How a Blob may be sent besides streaming `open()` through the verifier.
 
     `verified`: `open()` itself holds back the end of every read until the whole blob matched
-    its digest (the spool), so the registry need not hash it again. `local_file`: the blob is a
-    whole, immutable local file (sent by sendfile(), hashed per response). `growing_file`: a
-    verified file readable by regions as it lands. `location`: another node serves these bytes
-    (and verifies what it sends); whether the client is sent there is the registry's choice.
+    its digest (the spool), so the registry need not hash it again. `local_file`: a file of the
+    node's content store, sent by sendfile() (`shoal.integrity` decides whether it is hashed).
+    `growing_file`: a verified file readable by regions as it lands. `location`: another node
+    serves these bytes (and verifies what it sends); whether the client is sent there is the
+    registry's choice, and `redirected(start)` is told when it is. `on_mismatch`: called by
+    whoever finds the blob's bytes do not match its digest, so their origin can learn it.
     """
 
     verified: bool = False
-    local_file: str | None = None
+    local_file: LocalFile | None = None
     growing_file: GrowingFile | None = None
     location: str | None = None
+    redirected: Callable[[int], None] | None = None
+    on_mismatch: Callable[[], None] | None = None
 
 
 STREAMED = Delivery()  # only `open()`, every byte hashed by the registry

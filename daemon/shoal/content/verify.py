@@ -5,13 +5,13 @@ Every reader of unverified bytes hashes the whole blob (also for a Range: the by
 are read and hashed, not sent) and holds back its last piece until the digest matched
 (`hold_back`). A mismatch raises, and the caller cuts the connection or drops the file, so a
 client sees a cut body, never a complete wrong one. The registry, the spool, the upstream
-client and the local-file sender all use these helpers.
+client and the node's own files (`shoal.integrity`) all use these helpers. Whoever finds a
+mismatch tells the blob's origin (`reject`): a holder that gave wrong bytes is not asked again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -110,42 +110,16 @@ async def verified_chunks(blob: Blob, digest: Digest, start: int, end: int) -> A
                 yield chunk if (lo == 0 and hi == len(chunk)) else chunk[lo:hi]
 
     async def check() -> None:
+        if not hashing.matches(blob.size):
+            reject(blob)
         hashing.check(blob.size, blob.source)
 
     async for piece in hold_back(wanted(), check):
         yield piece
 
 
-class FileVerifier:
-    """Hashes local files, sharing one pass among concurrent requests for the same file.
-
-    Keyed by inode and change time, so a joined pass covers exactly the bytes every joined
-    request sends. Results are not kept after the pass: each new request verifies anew.
-    """
-
-    def __init__(self) -> None:
-        self._running: dict[tuple[int, int, int, int], asyncio.Future[bool]] = {}
-
-    async def check(self, fd: int, digest: Digest, size: int) -> bool:
-        st = os.fstat(fd)
-        key = (st.st_dev, st.st_ino, st.st_ctime_ns, size)
-        pending = self._running.get(key)
-        if pending is None:
-            # A private duplicate: the shared pass must not depend on the first request's fd.
-            dup = os.dup(fd)
-            pending = asyncio.ensure_future(asyncio.to_thread(_hash_fd, dup, digest, size))
-            self._running[key] = pending
-            pending.add_done_callback(lambda _: self._running.pop(key, None))
-        # Shielded: one cancelled request must not cancel the pass others are waiting on.
-        return await asyncio.shield(pending)
-
-
-def _hash_fd(fd: int, digest: Digest, size: int) -> bool:
-    """Hashes the whole file behind `fd`, then closes it."""
-    hashing = Hashing(digest)
-    try:
-        while chunk := os.pread(fd, 1024 * 1024, hashing.count):
-            hashing.update(chunk)
-    finally:
-        os.close(fd)
-    return hashing.matches(size)
+def reject(blob: Blob) -> None:
+    """Tells `blob`'s origin that its bytes did not match (`Delivery.on_mismatch`)."""
+    on_mismatch = blob.delivery().on_mismatch
+    if on_mismatch is not None:
+        on_mismatch()

@@ -1,14 +1,15 @@
-"""The spool: upstream blobs written to local files, readable while they arrive (README,
-"Upstream, once per cluster", 1 and 2).
+"""The spool: blobs from upstream and from peers written to local files, readable while they
+arrive (README, "Upstream, once per cluster", 1 and 2).
 
 One Fetch per digest (single flight on this node): the first request starts it, later ones and
 peers join it and read the same growing file. A Fetch runs on its own, independent of the
 request that started it, so a client that gives up does not waste what others wait for.
 
-A Fetch hashes everything it writes and fails on a mismatch (the file is removed), holding back
-the end of every read until then (`shoal.content.verify`). The spool directory is emptied at
-start: nothing partial or unverified survives a restart. Finished files stay until the node's
-containerd holds the blob (or `keep_for` passes), so peers can still fetch them.
+A Fetch hashes everything it writes and fails on a mismatch (the file is removed, and the source
+is told, so a peer that sent bad bytes is not asked again), holding back the end of every read
+until then (`shoal.content.verify`). The spool directory is emptied at start: nothing partial
+or unverified survives a restart. Finished files stay until the node's containerd holds the
+blob (or `keep_for` passes), so peers can still fetch them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.content.model import Blob, Delivery, SourceKind
-from shoal.content.verify import Hashing, hold_back
+from shoal.content.verify import Hashing, hold_back, reject
 from shoal.oci.digest import Digest
 
 log = logging.getLogger("shoal.spool")
@@ -76,7 +77,8 @@ class Fetch:
                     self.written += len(batch)
                     self._progress.notify_all()
             if self.written != self.size or not hashing.matches(self.size):
-                raise FetchFailed(f"{self.digest}: upstream bytes did not match the digest")
+                reject(source)  # its origin learns it (a peer is not asked again)
+                raise FetchFailed(f"{self.digest}: {source.source} bytes did not match the digest")
             took = time.monotonic() - (started or time.monotonic())
             log.info(
                 "fetched %s from %s: %d bytes in %.2fs (%.1f MB/s)",
@@ -112,7 +114,7 @@ class Fetch:
                 await self._progress.wait()
             available, error = self.written, self.error
         if error is not None:
-            raise FetchFailed(f"upstream fetch of {self.digest} failed: {error!r}")
+            raise FetchFailed(f"fetch of {self.digest} failed: {error!r}")
         if available <= pos:
             raise FetchFailed(f"{self.digest} ended at {available} of {self.size}")
         return available
@@ -127,7 +129,7 @@ class Fetch:
         """Waits until the fetch is over; raises unless the whole blob matched its digest."""
         await self.over()
         if self.error is not None:
-            raise FetchFailed(f"upstream fetch of {self.digest} failed: {self.error!r}")
+            raise FetchFailed(f"fetch of {self.digest} failed: {self.error!r}")
 
     def read(self, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes [start, end) as they arrive. The last chunk is held back until the whole blob

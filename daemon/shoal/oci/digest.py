@@ -24,7 +24,7 @@ class Digest:
     @classmethod
     def parse(cls, text: str) -> Digest:
         """Parses `algo:hex`; anything shoal cannot verify is DIGEST_INVALID."""
-        if len(text) > 200 or not _GRAMMAR.match(text):
+        if len(text) > 200 or not _GRAMMAR.fullmatch(text):
             raise DigestInvalid("invalid digest", {"digest": text[:200]})
         algorithm, _, encoded = text.partition(":")
         size = _ALGORITHMS.get(algorithm)

@@ -50,6 +50,10 @@ class DigestInvalid(RegistryError):
     status, code = 400, "DIGEST_INVALID"
 
 
+class SizeInvalid(RegistryError):
+    status, code = 400, "SIZE_INVALID"
+
+
 class RangeInvalid(RegistryError):
     status, code = 416, "RANGE_INVALID"
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from shoal.oci.digest import Digest
 from shoal.oci.errors import NameInvalid
 
-# The distribution spec's grammar for a repository name and a tag.
+# The distribution spec's grammar for a repository name and a tag (always fullmatch(): `$` also
+# matches before a final newline).
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _REPOSITORY = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
@@ -21,13 +22,13 @@ _DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.doc
 
 
 def parse_repository(name: str) -> str:
-    if len(name) > MAX_NAME_LENGTH or not _REPOSITORY.match(name):
+    if len(name) > MAX_NAME_LENGTH or not _REPOSITORY.fullmatch(name):
         raise NameInvalid("invalid repository name", {"name": name[:MAX_NAME_LENGTH]})
     return name
 
 
 def is_tag(reference: str) -> bool:
-    return bool(_TAG.match(reference))
+    return bool(_TAG.fullmatch(reference))
 
 
 def parse_registry_host(ns: str) -> str:
@@ -54,7 +55,9 @@ def parse_registry_host(ns: str) -> str:
         port = port_text if sep else None
         if not _is_hostname(name):
             raise NameInvalid("invalid ns", {"ns": ns})
-    if port is not None and (not port.isdigit() or not 0 < int(port) < 65536 or port[0] == "0"):
+    if port is not None and not (port.isascii() and port.isdigit() and port[0] != "0"):
+        raise NameInvalid("invalid ns port", {"ns": ns})
+    if port is not None and not 0 < int(port) < 65536:
         raise NameInvalid("invalid ns port", {"ns": ns})
     return DOCKER_HUB if host in _DOCKER_HUB_ALIASES else host
 
@@ -67,7 +70,7 @@ def _is_hostname(name: str) -> bool:
         return True
     except ValueError:
         pass
-    return all(_LABEL.match(label) for label in name.split("."))
+    return all(_LABEL.fullmatch(label) for label in name.split("."))
 
 
 @dataclass(frozen=True)

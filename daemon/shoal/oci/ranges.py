@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from shoal.oci.errors import RangeInvalid
 
-_SINGLE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_SINGLE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")  # \d would take any script's digits
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     text = header.strip().replace(" ", "")
     if "," in text and text.startswith("bytes="):
         return None
-    match = _SINGLE.match(text)
+    match = _SINGLE.fullmatch(text)
     if not match or (not match.group(1) and not match.group(2)):
         raise RangeInvalid("invalid range", {"range": header[:100], "size": size})
     first, last = match.group(1), match.group(2)

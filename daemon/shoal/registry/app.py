@@ -9,15 +9,18 @@ from __future__ import annotations
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from shoal import metrics
 from shoal.content.model import Source, SourceKind
 from shoal.content.verify import DigestMismatch, verified_chunks
+from shoal.observe.middleware import recording
+from shoal.observe.recorder import Recorder
 from shoal.oci.digest import Digest
 from shoal.oci.errors import BlobUnknown, ManifestUnknown, NameInvalid, Unsupported
 from shoal.oci.mediatypes import MAX_MANIFEST_BYTES, manifest_media_type
@@ -30,6 +33,8 @@ from shoal.sources.chain import SourceChain
 from shoal.tenancy.admission import Admission, admitted
 
 log = logging.getLogger("shoal.registry")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _ROUTE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
 
@@ -79,7 +84,7 @@ class Registry:
             raise Unsupported("shoal is a pull-only mirror")
         if request.path in ("/v2", "/v2/"):
             return web.json_response({})
-        match = _ROUTE.match(request.path)
+        match = _ROUTE.fullmatch(request.path)
         if match is None:
             raise NameUnknownPath()
         ns = request.query.get("ns")
@@ -89,6 +94,8 @@ class Registry:
             return await self.serve_manifest(request, ref, who)
         if ref.digest is None:
             raise NameInvalid("blobs are addressed by digest")
+        if request.method == "GET":
+            self.blobs.transfer.asking(ref.digest, request.headers.get("Range"), who)
         blob = await self.chain.find_blob(self.chain.for_asker(who), ref, ref.digest)
         if blob is None:
             raise BlobUnknown("blob unknown", {"digest": str(ref.digest)})
@@ -153,15 +160,21 @@ def make_app(
     p2p_info: Callable[[], dict[str, Any]] | None = None,
     transfer: PeerTransfer | None = None,
     admission: Admission | None = None,
+    recorder: Recorder | None = None,
+    posts: Mapping[str, Handler] | None = None,
 ) -> web.Application:
     """The pull API. `p2p_info`, when given, is served at P2P_INFO_PATH: peers that know only
     this node's address learn its libp2p identity there (dns and kubernetes bootstrap).
     `transfer` decides whether containerd is sent to a peer for a blob (default: as the
     `--peer-transfer` default). `admission` decides who may ask (default: this node's
-    containerd only, over loopback)."""
+    containerd only, over loopback). `recorder` is told of every answer (the status page).
+    `posts`: node-to-node POST endpoints by path (`/_shoal/…`), e.g. a preheat request."""
     registry = Registry(chain, transfer or PeerTransfer())
     admit = admission or Admission(None, lambda: "")
-    app = web.Application(middlewares=[admit.middleware, oci_errors], client_max_size=1024)
+    middlewares: list[Middleware] = [admit.middleware, oci_errors]
+    if recorder is not None:
+        middlewares.insert(0, recording(recorder))  # outermost: it sees the final answer
+    app = web.Application(middlewares=middlewares, client_max_size=1024)
     if p2p_info is not None:
         info = p2p_info
 
@@ -169,6 +182,8 @@ def make_app(
             return web.json_response(info())
 
         app.router.add_get(P2P_INFO_PATH, p2p)
+    for path, post in (posts or {}).items():
+        app.router.add_post(path, post)
     app.router.add_route("*", "/v2", registry.handle)
     app.router.add_route("*", "/v2/{tail:.*}", registry.handle)
     app.router.add_route("*", "/{tail:.*}", not_found)

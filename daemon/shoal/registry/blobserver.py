@@ -14,8 +14,8 @@ from typing import BinaryIO
 from aiohttp import web
 
 from shoal import metrics
-from shoal.content.model import Blob, Delivery, GrowingFile
-from shoal.content.verify import HOLD_BACK, DigestMismatch, FileVerifier, hold_back, verified_chunks
+from shoal.content.model import Blob, Delivery, GrowingFile, LocalFile
+from shoal.content.verify import DigestMismatch, verified_chunks
 from shoal.oci.digest import Digest
 from shoal.oci.errors import BlobUnknown
 from shoal.oci.mediatypes import OCTET_STREAM
@@ -31,7 +31,6 @@ WRITE_SLICE = 128 * 1024
 class BlobServer:
     def __init__(self, transfer: PeerTransfer) -> None:
         self.transfer = transfer
-        self.verifier = FileVerifier()
 
     async def serve(
         self, request: web.Request, blob: Blob, digest: Digest, asker: Asker
@@ -56,6 +55,8 @@ class BlobServer:
             # containerd fetches from the peer itself, which verifies what it sends; containerd
             # comes back here with Range if that peer fails midway.
             metrics.count(blob.source, "blob", 307, 0)
+            if delivery.redirected is not None:
+                delivery.redirected(start)
             return web.Response(status=307, headers={"Location": delivery.location})
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = end - start
@@ -64,7 +65,7 @@ class BlobServer:
         except DigestMismatch as exc:
             # Bytes already sent cannot be taken back; cutting the connection keeps the
             # response incomplete, so containerd never commits them.
-            log.error("digest mismatch, connection cut: %s", exc)
+            log.warning("digest mismatch, connection cut: %s", exc)
             metrics.VERIFY_FAILURES.labels(blob.source).inc()
             _abort(request)
             return resp
@@ -89,9 +90,9 @@ class BlobServer:
         start: int,
         end: int,
     ) -> None:
-        path, transport = delivery.local_file, request.transport
-        if path is not None and transport is not None and end - start > HOLD_BACK:
-            await self._send_file(request, resp, path, blob, digest, start, end)
+        local, transport = delivery.local_file, request.transport
+        if local is not None and transport is not None:
+            await self._send_file(request, resp, local, blob.size, start, end)
             return
         if delivery.growing_file is not None and transport is not None:
             await self._send_growing(request, resp, delivery.growing_file, start, end)
@@ -138,34 +139,23 @@ class BlobServer:
         self,
         request: web.Request,
         resp: web.StreamResponse,
-        path: str,
-        blob: Blob,
-        digest: Digest,
+        local: LocalFile,
+        size: int,
         start: int,
         end: int,
     ) -> None:
-        """Local files: the kernel copies all but the tail while a thread hashes the whole file."""
-        with open(path, "rb") as fobj:  # noqa: ASYNC230 - opening a local file does not block
-            size = os.fstat(fobj.fileno()).st_size
-            if size != blob.size:
-                raise DigestMismatch(digest, "size differs", size, blob.source)
-            checked = asyncio.ensure_future(self.verifier.check(fobj.fileno(), digest, blob.size))
-
-            async def matched() -> None:
-                if not await checked:
-                    raise DigestMismatch(digest, "differs", blob.size, blob.source)
-
-            async def pieces() -> AsyncIterator[tuple[int, int]]:
-                yield start, end - HOLD_BACK - start
-                yield end - HOLD_BACK, HOLD_BACK
-
-            try:
-                await resp.prepare(request)
-                regions = hold_back(pieces(), matched, final=lambda r: r[0] + r[1] == end)
-                await _sendfile(request, fobj, regions, end - start, blob.source)
-            finally:
-                if not checked.done():
-                    checked.cancel()
+        """A file of the node's content store: the kernel copies; `local` says which pieces
+        when (all at once for a file on record as verified, else the end once it matched)."""
+        try:
+            fobj = open(local.path, "rb")  # noqa: ASYNC230 - opening a local file does not block
+        except FileNotFoundError:  # deleted since it was found
+            raise BlobUnknown("blob left the content store") from None
+        with fobj:
+            if os.fstat(fobj.fileno()).st_size != size:  # replaced since it was found
+                raise BlobUnknown("blob changed in the content store")
+            await resp.prepare(request)
+            regions = local.regions(fobj.fileno(), start, end)
+            await _sendfile(request, fobj, regions, end - start, "local")
         await resp.write_eof()
 
 

@@ -1,32 +1,48 @@
 """Relay or redirect: how a blob body another node holds reaches this node's containerd.
 
-The one place this is decided (README, "Peers"). Redirected, containerd downloads from the
-holder itself: the bytes cross this node's CPU once, in containerd (which verifies them too),
-instead of three times (received, hashed and sent again here); the holder verifies what it
-sends. Relayed, this node streams and verifies the body, and resumes it from the next holder
-if one fails. Small bodies are always relayed: cheaper than a second connection.
+The one place this is decided (README, "Peers"). Relayed (the default), this node downloads the
+blob into its own spool (`shoal.sources.spooled`), every holder under a progress deadline, and
+containerd reads it from here as it lands: containerd's connection never goes silent because a
+holder stopped, and bytes that fail verification restart from byte 0 elsewhere. Redirected,
+containerd downloads from the holder itself: the bytes cross this node's CPU once, in
+containerd, instead of three times, but containerd waits on a holder that goes silent with no
+deadline, which shoal cannot protect. Small bodies are always relayed: cheaper than a second
+connection.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Protocol
 
+from shoal.oci.digest import Digest
 from shoal.registry.protocol import Asker
+
+_FROM = re.compile(r"^\s*bytes\s*=\s*(\d+)\s*-")
+
+
+class Asked(Protocol):
+    """Told where containerd starts each download (shoal.sources.holders.Holders): from 0 soon
+    after a redirect means the holder's bytes did not match."""
+
+    def asked(self, digest: str, start: int) -> None: ...
 
 
 @dataclass(frozen=True)
 class PeerTransfer:
-    redirect: bool = True  # `--peer-transfer redirect`
+    redirect: bool = False  # `--peer-transfer redirect`
     redirect_min: int = 1024 * 1024  # smaller bodies are relayed
-    relay_timeout: float = 5.0  # a relaying node gives up on a peer silent for this long
+    asked: Asked | None = None
 
     def redirects(self, size: int, asker: Asker) -> bool:
         """Whether containerd is sent (307) to the node holding a blob of `size` bytes. Only
         containerd's own requests are: a peer's is answered from what this node holds."""
         return asker is Asker.CONTAINERD and self.redirect and size >= self.redirect_min
 
-    def longest_silence(self) -> float | None:
-        """How long bytes other nodes wait for may stay silent (None: as long as needed). Nodes
-        relay blobs under `redirect_min`, and all of them without `redirect`, and give up on a
-        peer silent for `relay_timeout`; redirected containerd waits as long as it takes."""
-        return None if self.redirect else self.relay_timeout * 0.8
+    def asking(self, digest: Digest, range_header: str | None, asker: Asker) -> None:
+        """containerd asks for `digest` (with `range_header`), before any source is asked."""
+        if self.asked is None or not self.redirect or asker is not Asker.CONTAINERD:
+            return
+        match = _FROM.match(range_header) if range_header else None
+        self.asked.asked(str(digest), int(match.group(1)) if match else 0)

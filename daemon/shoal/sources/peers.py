@@ -2,11 +2,12 @@
 
 A request to a peer carries the peer protocol's marks (`shoal.registry.protocol`), signed
 (`RequestSigner`), so the peer answers from its own content only and never forwards; a URL
-containerd is redirected to carries a capability for that one object. Slow peers are hedged
-(`hedge`): when the first has not answered its headers within `hedge_after`, the next is asked
-too and the first answer wins. A body that breaks midway is resumed with Range from the next
-peer. A digest no peer holds is remembered briefly, so a burst of misses costs one lookup; the
-registry then answers 404 at once.
+containerd is redirected to carries a capability for that one object. Holders are asked in the
+order `holders` keeps (known-bad ones never, slow ones last); slow peers are hedged (`hedge`):
+when the first has not answered its headers within `hedge_after`, the next is asked too and the
+first answer wins. The body is a `download.PeerDownload`: each holder under a progress deadline,
+resumed with Range from the next one. A digest no peer holds is remembered briefly, so a burst
+of misses costs one lookup; the registry then answers 404 at once.
 """
 
 from __future__ import annotations
@@ -15,25 +16,27 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import aiohttp
 
-from shoal.content.model import READ_BUFSIZE, ContentKind, Delivery, Descriptor, SourceKind
+from shoal.content.model import READ_BUFSIZE, ContentKind, Descriptor, SourceKind
+from shoal.observe.middleware import note_peer
 from shoal.oci.digest import Digest
 from shoal.oci.errors import RegistryError
 from shoal.oci.names import Reference
 from shoal.registry.protocol import content_path, peer_url
 from shoal.routing.base import Peer
+from shoal.sources.download import Deadlines, PeerDownload, RequestSigner
 from shoal.sources.hedge import hedged
+from shoal.sources.holders import Holders
 
 log = logging.getLogger("shoal.peers")
 
 # A peer asked to fetch from upstream first asks upstream itself: it gets this long to answer.
 FETCHER_PATIENCE = 20.0
 
-_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, OSError)
 _ACCEPT = ", ".join(
     (
         "application/vnd.oci.image.index.v1+json",
@@ -44,14 +47,8 @@ _ACCEPT = ", ".join(
 )
 
 
-class RequestSigner(Protocol):
-    """How requests to peers prove cluster membership (shoal.tenancy.signer.PeerSigner)."""
-
-    def headers(self, method: str, path: str, ns: str | None, fetch: bool) -> dict[str, str]: ...
-
-    def redirect_query(
-        self, holder: str, path: str, ns: str | None, fetch: bool
-    ) -> dict[str, str]: ...
+class PeerUnreachable(ConnectionError):
+    """The peer gave no answer at all (as opposed to answering that it has nothing)."""
 
 
 class ProviderLookup(Protocol):
@@ -63,10 +60,19 @@ class ProviderLookup(Protocol):
 @dataclass
 class PeerSettings:
     max_peers: int = 3  # providers asked per key
+    # Once one holder is known, the lookup gets this long to name more: a walk waiting on a
+    # stopped node must not hold up every request for the node's whole query deadline.
+    lookup_grace: float = 0.25
     hedge_after: float = 0.25  # seconds before asking the next peer too
-    header_timeout: float = 2.0  # a peer that has not answered by then is skipped
-    read_timeout: float = 5.0  # silence between body chunks that counts as a failure
     negative_ttl: float = 2.0  # how long "no peer has it" is remembered
+    deadlines: Deadlines = field(default_factory=Deadlines)  # each holder's answer and body
+
+
+async def aclose(it: AsyncIterator[object]) -> None:
+    """Closes a lookup left early (an async generator): the router stops its walk."""
+    close = getattr(it, "aclose", None)
+    if close is not None:
+        await close()
 
 
 class PeerSource:
@@ -76,23 +82,28 @@ class PeerSource:
         self,
         router: ProviderLookup,
         settings: PeerSettings | None = None,
+        holders: Holders | None = None,
         *,
         signer: RequestSigner,
     ) -> None:
         self.router = router
         self.signer = signer
         self.settings = settings or PeerSettings()
+        self.holders = holders or Holders()
         self._session: aiohttp.ClientSession | None = None
         self._misses: dict[str, float] = {}
 
     @property
+    def deadlines(self) -> Deadlines:
+        return self.settings.deadlines
+
+    @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            s = self.settings
+            d = self.settings.deadlines
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(
-                    sock_connect=min(1.0, s.header_timeout), sock_read=s.read_timeout
-                ),
+                # Body silence is the download's to judge (it probes before giving up).
+                timeout=aiohttp.ClientTimeout(sock_connect=min(1.0, d.header_timeout)),
                 connector=aiohttp.TCPConnector(limit=0, limit_per_host=16, ttl_dns_cache=None),
                 auto_decompress=False,
                 read_bufsize=READ_BUFSIZE,
@@ -124,21 +135,29 @@ class PeerSource:
         media_type = resp.headers.get("Content-Type", "")
         return Descriptor(media_type, digest, size) if size >= 0 and media_type else None
 
-    async def find(self, ref: Reference, digest: Digest, kind: ContentKind) -> PeerBlob | None:
+    async def find(self, ref: Reference, digest: Digest, kind: ContentKind) -> PeerDownload | None:
         key = str(digest)
         if self._missed(key):
             return None
-        blob = await self._find_at(await self._peers(key), ref, digest, kind=kind)
+        peers = self.holders.order(key, await self._peers(key))
+        blob = await self._find_at(peers, ref, digest, kind=kind)
         if blob is None:
             self._miss(key)
         return blob
 
     async def fetch_at(
         self, peer: Peer, ref: Reference, digest: Digest, kind: ContentKind
-    ) -> PeerBlob | None:
+    ) -> PeerDownload | None:
         """Content from `peer`, asked to fetch it from upstream for the cluster (it is the
-        designated fetcher, shoal.fetch.designate)."""
-        return await self._find_at([peer], ref, digest, fetch=True, kind=kind)
+        designated fetcher, shoal.fetch.designate); None when it answered that it cannot or
+        sent bad bytes, PeerUnreachable when it did not answer."""
+        if self.holders.is_bad(str(digest), peer):
+            return None
+        answered: list[int] = []
+        blob = await self._find_at([peer], ref, digest, fetch=True, kind=kind, answered=answered)
+        if blob is None and not answered:
+            raise PeerUnreachable(f"designated fetcher {peer.address} did not answer")
+        return blob
 
     async def _find_at(
         self,
@@ -148,12 +167,13 @@ class PeerSource:
         *,
         fetch: bool = False,
         kind: ContentKind = "blob",
-    ) -> PeerBlob | None:
+        answered: list[int] | None = None,
+    ) -> PeerDownload | None:
         """Content from the first of `peers` to answer a HEAD for it; with `fetch`, asked of
-        them as the cluster's fetcher."""
+        them as the cluster's fetcher. `answered` collects the statuses peers answered."""
         path = content_path(ref.repository, kind, digest)
         patience = FETCHER_PATIENCE if fetch else None
-        answer = await self._first(peers, "HEAD", path, ref.registry, fetch, patience)
+        answer = await self._first(peers, "HEAD", path, ref.registry, fetch, patience, answered)
         if answer is None:
             return None
         first, resp = answer
@@ -161,9 +181,10 @@ class PeerSource:
             size = int(resp.headers["Content-Length"])
         except (KeyError, ValueError):
             return None
+        note_peer(first.address, size)
         # The peer that answered first goes first; the others stay as fallbacks.
         order = [first, *(p for p in peers if p != first)]
-        return PeerBlob(self, order, path, ref.registry, size, fetch)
+        return PeerDownload(self, digest, order, path, ref.registry, size, fetch, patience)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -183,7 +204,20 @@ class PeerSource:
         self._misses[key] = time.monotonic() + self.settings.negative_ttl
 
     async def _peers(self, key: str) -> list[Peer]:
-        return [p async for p in self.router.lookup(key, self.settings.max_peers)]
+        found: list[Peer] = []
+        lookup = self.router.lookup(key, self.settings.max_peers)
+        try:
+            async with asyncio.timeout(None) as grace:
+                async for peer in lookup:
+                    found.append(peer)
+                    if grace.when() is None:
+                        loop = asyncio.get_running_loop()
+                        grace.reschedule(loop.time() + self.settings.lookup_grace)
+        except TimeoutError:
+            pass  # enough to start with
+        finally:
+            await aclose(lookup)
+        return found
 
     async def _first(
         self,
@@ -193,6 +227,7 @@ class PeerSource:
         ns: str | None,
         fetch: bool = False,
         patience: float | None = None,
+        answered: list[int] | None = None,
     ) -> tuple[Peer, aiohttp.ClientResponse] | None:
         """The first peer to answer 200/206, hedging slow ones; its response is released."""
 
@@ -208,6 +243,8 @@ class PeerSource:
                 timeout=timeout,
             )
             resp.release()
+            if answered is not None:
+                answered.append(resp.status)
             if resp.status not in (200, 206):
                 raise aiohttp.ClientResponseError(
                     resp.request_info, (), status=resp.status, message="peer miss"
@@ -215,59 +252,10 @@ class PeerSource:
             return resp
 
         s = self.settings
-        return await hedged(peers, ask, s.hedge_after, patience or s.header_timeout)
-
-
-@dataclass
-class PeerBlob:
-    """Not verified: a peer is never trusted. Another node serves it (`delivery().location`)."""
-
-    owner: PeerSource
-    peers: list[Peer]
-    url_path: str
-    ns: str | None
-    size: int
-    fetch: bool = False  # asked of the peer as the cluster's designated fetcher
-    source: SourceKind = SourceKind.PEER
-
-    def delivery(self) -> Delivery:
-        holder, path = self.peers[0], self._blob_path
-        marks = self.owner.signer.redirect_query(holder.id, path, self.ns, self.fetch)
-        return Delivery(location=peer_url(holder.address, path, self.ns, marks))
-
-    @property
-    def _blob_path(self) -> str:
-        # Peers serve any content they hold under /blobs/, with Range; manifests included.
-        return self.url_path.replace("/manifests/", "/blobs/")
-
-    async def open(self, start: int, end: int) -> AsyncIterator[bytes]:
-        """Bytes [start, end), resumed from the next peer with Range if one fails midway."""
-        pos = start
-        last_error: BaseException | None = None
-        for peer in self.peers:
-            if pos >= end:
-                return
-            headers = self.owner.signer.headers("GET", self._blob_path, self.ns, self.fetch)
-            if pos > 0 or end < self.size:
-                headers["Range"] = f"bytes={pos}-{end - 1}"
-            url = peer_url(peer.address, self._blob_path, self.ns)
-            try:
-                async with self.owner.session.get(url, headers=headers) as resp:
-                    if resp.status not in (200, 206) or (pos > 0 and resp.status != 206):
-                        raise aiohttp.ClientResponseError(
-                            resp.request_info, (), status=resp.status, message="peer refused"
-                        )
-                    async for chunk in resp.content.iter_chunked(1024 * 1024):
-                        chunk = chunk[: end - pos]
-                        pos += len(chunk)
-                        yield chunk
-                        if pos >= end:
-                            return
-                raise ConnectionError(f"peer {peer.address} ended the body at {pos} of {end}")
-            except _ERRORS as exc:
-                last_error = exc
-                log.warning(
-                    "peer %s failed at byte %d: %s; trying the next", peer.address, pos, exc
-                )
-        if pos < end:
-            raise ConnectionError(f"no peer served {self.url_path} past byte {pos}: {last_error}")
+        answer = await hedged(
+            peers, ask, s.hedge_after, patience or s.deadlines.header_timeout,
+            slow=lambda peer: self.holders.slow(peer.id),
+        )  # fmt: skip
+        if answer is not None:
+            self.holders.answered(answer[0].id)
+        return answer

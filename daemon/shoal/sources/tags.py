@@ -20,6 +20,7 @@ from shoal.content.model import Descriptor, Source, SourceKind
 from shoal.oci.names import Reference
 from shoal.sources.chain import first_answer
 from shoal.upstream.allowlist import Endpoint
+from shoal.upstream.breaker import CircuitOpen
 from shoal.upstream.errors import UpstreamError
 
 log = logging.getLogger("shoal.tags")
@@ -61,7 +62,11 @@ class TagPolicy:
         try:
             return await upstream.lookup(ref)
         except UpstreamError as exc:
-            log.warning("upstream cannot resolve %s (%s); asking the cluster", ref.image_name, exc)
+            # An open circuit breaker logged its state change once; not once per tag asked.
+            level = logging.DEBUG if isinstance(exc, CircuitOpen) else logging.WARNING
+            log.log(
+                level, "upstream cannot resolve %s (%s); asking the cluster", ref.image_name, exc
+            )
         found = await first_answer(others, ref)
         if found is not None:
             return found

@@ -21,6 +21,7 @@ from shoal.fetch.sharing import SharedFetches
 from shoal.oci.digest import Digest
 from shoal.oci.names import Reference
 from shoal.routing.base import Peer
+from shoal.sources.peers import PeerUnreachable
 from shoal.upstream.allowlist import Endpoint
 
 log = logging.getLogger("shoal.fetcher")
@@ -43,7 +44,10 @@ class FetchingPeer(Protocol):
 
     async def fetch_at(
         self, peer: Peer, ref: Reference, digest: Digest, kind: ContentKind
-    ) -> Blob | None: ...
+    ) -> Blob | None:
+        """None when the node answered it has no such content (it asked upstream); raises
+        PeerUnreachable when it did not answer."""
+        ...
 
 
 class UpstreamFetcher:
@@ -95,10 +99,12 @@ class UpstreamFetcher:
             # and CPU than it saved (bench/rollout.py).
             if image is not None:
                 await self._tell(chosen, ref, image)
-            blob = await self.peers.fetch_at(chosen, ref, digest, "blob")
-            if blob is not None:
-                return blob
-            log.info("designated fetcher %s of %s unavailable; fetching here", chosen, digest)
+            try:
+                # Its miss is the cluster's: it asked upstream, and asking again here would
+                # wait on the same upstream (a hung one: its deadline) once more.
+                return await self.peers.fetch_at(chosen, ref, digest, "blob")
+            except PeerUnreachable:
+                log.info("designated fetcher %s of %s unreachable; fetching here", chosen, digest)
         source = await self.upstream.find(ref, digest, kind)
         return None if source is None else await self.sharing.copy(digest, source)
 
@@ -138,6 +144,8 @@ class UpstreamFetcher:
     async def _ask_manifest(self, chosen: Peer, ref: Reference, manifest: Digest) -> None:
         try:
             answer = await self.peers.fetch_at(chosen, ref, manifest, "manifest")
+        except PeerUnreachable:
+            answer = None
         except Exception as exc:  # it then fetches blob by blob, as asked
             log.warning("telling %s of image %s failed: %r", chosen, manifest, exc)
             return

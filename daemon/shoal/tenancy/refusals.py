@@ -25,9 +25,14 @@ UNKNOWN = "unknown"
 
 class Refusals:
     def __init__(
-        self, interval: float = INTERVAL, clock: Callable[[], float] = time.monotonic
+        self,
+        interval: float = INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+        listener: Callable[[str, str], None] | None = None,
     ) -> None:
+        """`listener` is told of every refusal (the status page's list)."""
         self.interval = interval
+        self.listener = listener
         self.clock = clock
         self._last: dict[str, float] = {}
         self._quiet: dict[str, int] = {}  # refusals not logged since the last line
@@ -35,6 +40,8 @@ class Refusals:
     def refused(self, reason: str, what: str) -> None:
         """Counts one refusal; `what` says whom and what without naming content."""
         metrics.REFUSALS.labels(reason).inc()
+        if self.listener is not None:
+            self.listener(reason, what)
         now = self.clock()
         last = self._last.get(reason)
         if last is not None and now - last < self.interval:

@@ -32,7 +32,7 @@ from shoal.upstream.transport import RETRYABLE
 log = logging.getLogger("shoal.upstream")
 
 CHUNK = 256 * 1024
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_CONTENT_RANGE = re.compile(r"^bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)$")  # ASCII digits only
 
 
 class _Short(Exception):
@@ -139,7 +139,7 @@ def _check_answer(resp: aiohttp.ClientResponse, pos: int, size: int) -> str | No
         return None
     if resp.status != 206:
         return f"status {resp.status}"
-    match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", "").strip())
+    match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
     if match is None or int(match.group(1)) != pos:
         return f"Content-Range {resp.headers.get('Content-Range')!r} for a range from {pos}"
     if match.group(3) != "*" and int(match.group(3)) != size:
@@ -178,6 +178,11 @@ async def blob_size(
 
 
 def content_length(value: str | None) -> int | None:
-    if value is None or not value.strip().isdigit():
+    if value is None or not _is_number(value.strip()):
         return None
     return int(value.strip())
+
+
+def _is_number(text: str) -> bool:
+    # str.isdigit() accepts "²" and other digits int() refuses.
+    return text.isascii() and text.isdigit()

@@ -9,7 +9,9 @@ Tag policy is not decided here (`shoal.sources.tags` is). For a tag, upstream's 
 - `last_known(ref)`: the last answer and its age, without any request.
 
 `find` never raises for upstream failures (it answers None so that the registry answers 404 and
-containerd goes direct); the Blobs it returns raise UpstreamError subclasses midway.
+containerd goes direct); the Blobs it returns raise UpstreamError subclasses midway. While an
+origin's circuit breaker is open (`shoal.upstream.breaker`), these answer at once, and say so
+in the breaker's one log line rather than one per request.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from shoal.oci.names import Reference
 from shoal.upstream.allowlist import AllowList, Endpoint
 from shoal.upstream.auth import Authenticator
 from shoal.upstream.blobs import UpstreamBlob, blob_size
+from shoal.upstream.breaker import BreakerPolicy, Breakers, CircuitOpen
 from shoal.upstream.client import RegistryClient
 from shoal.upstream.credentials import Credentials
 from shoal.upstream.errors import UpstreamError, UpstreamUnavailable
@@ -54,6 +57,7 @@ class UpstreamSource:
         tag_ttl: float = 30.0,
         timeouts: Timeouts | None = None,
         retry: RetryPolicy | None = None,
+        breaker: BreakerPolicy | None = None,
         verify_blobs: bool = True,
         resolver: AbstractResolver | None = None,
         trust_env: bool = False,
@@ -64,7 +68,11 @@ class UpstreamSource:
         `trust_env`: honour HTTP(S)_PROXY; `verify_blobs`: hash whole-blob reads here too."""
         self.allowlist = AllowList(registries, insecure)
         self.transport = Transport(
-            timeouts=timeouts, retry=retry, resolver=resolver, trust_env=trust_env
+            timeouts=timeouts,
+            retry=retry,
+            resolver=resolver,
+            trust_env=trust_env,
+            breakers=Breakers(breaker, clock=clock),
         )
         self.auth = Authenticator(
             self.transport, Credentials(credentials, clock=clock), clock=clock
@@ -82,6 +90,15 @@ class UpstreamSource:
             insecure=settings.upstream_insecure,
             credentials=settings.upstream_credentials or None,
             tag_ttl=settings.tag_ttl,
+            timeouts=Timeouts(
+                connect=settings.upstream_connect_timeout,
+                first_byte=settings.upstream_first_byte_timeout,
+                read=settings.upstream_read_timeout,
+            ),
+            breaker=BreakerPolicy(
+                failures=settings.upstream_breaker_failures,
+                cooldown=settings.upstream_breaker_cooldown,
+            ),
             verify_blobs=verify_blobs,
         )
 
@@ -95,7 +112,7 @@ class UpstreamSource:
         try:
             return await self.lookup(ref)
         except UpstreamError as exc:
-            log.warning("cannot resolve %s upstream: %s", ref.image_name, exc)
+            _failed(f"cannot resolve {ref.image_name} upstream", exc)
             return None
 
     async def lookup(self, ref: Reference) -> Descriptor | None:
@@ -155,7 +172,7 @@ class UpstreamSource:
             async with asyncio.timeout(self.transport.timeouts.operation):
                 size = await blob_size(self.client, endpoint, ref.repository, digest)
         except (UpstreamError, TimeoutError) as exc:
-            log.warning("upstream %s %s of %s: %s", kind, digest, ref.repository, exc)
+            _failed(f"upstream {kind} {digest} of {ref.repository}", exc)
             return None
         if size is None:
             return None
@@ -181,7 +198,7 @@ class UpstreamSource:
                     self.client, endpoint, ref.repository, str(digest), digest
                 )
         except (UpstreamError, TimeoutError) as exc:
-            log.warning("upstream %s %s of %s: %s", "manifest", digest, ref.repository, exc)
+            _failed(f"upstream manifest {digest} of {ref.repository}", exc)
             return None
         return None if fetched is None else MemoryBlob(fetched.body, self.name)
 
@@ -193,3 +210,9 @@ class UpstreamSource:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _failed(what: str, exc: Exception) -> None:
+    # An open breaker said so once already; TimeoutError here is the whole operation's deadline.
+    level = logging.DEBUG if isinstance(exc, CircuitOpen) else logging.WARNING
+    log.log(level, "%s: %s", what, str(exc) or type(exc).__name__)

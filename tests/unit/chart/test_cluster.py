@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
 
 import helm_python as helm
@@ -102,54 +100,6 @@ def test_metrics_service_and_service_monitor(chart: helm.Chart) -> None:
     [endpoint] = sm["spec"]["endpoints"]
     assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
     assert set(sm["spec"]) == {"selector", "namespaceSelector", "endpoints"}
-
-
-# The metric families the dashboard is built on (the daemon's contract, see shoal/metrics.py).
-METRICS = {
-    "shoal_requests_total": "counter",
-    "shoal_bytes_served_total": "counter",
-    "shoal_bytes_to_peers_total": "counter",
-    "shoal_request_duration_seconds": "histogram",
-    "shoal_peers": "gauge",
-    "shoal_advertised_keys": "gauge",
-    "shoal_misses_total": "counter",
-    "shoal_verify_failures_total": "counter",
-}
-LABEL_VALUES = {"source": {"local", "peer", "upstream"}, "kind": {"blob", "manifest"}}
-
-
-def family(sample_name: str) -> str:
-    for suffix in ("_bucket", "_sum", "_count"):
-        if sample_name.endswith(suffix) and sample_name.removesuffix(suffix) in METRICS:
-            return sample_name.removesuffix(suffix)
-    return sample_name
-
-
-def dashboard_exprs(chart: helm.Chart) -> list[str]:
-    docs = render(chart, VALUE_SETS["hostport-dns-full"])
-    cm = only(docs, "ConfigMap")
-    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-    dashboard = json.loads(cm["data"]["shoal.json"])
-    ids = [p["id"] for p in dashboard["panels"]]
-    assert len(ids) == len(set(ids))
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    return exprs + [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
-
-
-def test_grafana_dashboard_uses_shoal_metrics(chart: helm.Chart) -> None:
-    exprs = dashboard_exprs(chart)
-    used = {family(m) for e in exprs for m in re.findall(r"\bshoal_[a-z_]+", e)}
-    assert used == set(METRICS), set(METRICS) ^ used
-    for label, allowed in LABEL_VALUES.items():
-        for expr in exprs:
-            for match in re.findall(rf'\b{label}=~?"([^"]*)"', expr):
-                assert set(match.split("|")) <= allowed, expr
-
-
-def test_dashboard_metrics_exist_in_the_daemon() -> None:
-    metrics = pytest.importorskip("shoal.metrics", reason="shoal.metrics not importable")
-    exported = dict(re.findall(r"# TYPE (\S+) (\S+)", metrics.render().decode()))
-    assert {name: exported.get(name) for name in METRICS} == METRICS
 
 
 def test_network_policy(chart: helm.Chart) -> None:

@@ -80,6 +80,7 @@ class Libp2pRouter:
         self._node: Any = None
         self._bootstrap_task: asyncio.Task[None] | None = None
         self._info = NodeInfo("")
+        self._serving = False  # start() finished: lookups may run
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -114,12 +115,14 @@ class Libp2pRouter:
             self._trio = None
             raise
         self._info = NodeInfo(str(self._node.peer_id), tuple(self._node.listen_addrs()))
+        self._serving = True
         log.info("libp2p routing up as %s at %s", self._info.id, ", ".join(self._info.addrs))
         if self._discovery is not None:
             self._bootstrap_task = asyncio.create_task(self._bootstrap_loop(), name="p2p-bootstrap")
 
     async def stop(self) -> None:
         trio_thread, self._trio = self._trio, None
+        self._serving = False
         if trio_thread is None:
             return
         if self._bootstrap_task is not None:
@@ -170,7 +173,8 @@ class Libp2pRouter:
             yield peer
 
     async def _lookup(self, key: str, limit: int, use_local: bool) -> AsyncIterator[Peer]:
-        if limit <= 0 or self._stopped():
+        # Before start() finished (the registry answers first) or after stop(): nobody is known.
+        if limit <= 0 or self._stopped() or not self._serving:
             return
         bridge = self._bridge()
         loop = asyncio.get_running_loop()
@@ -202,7 +206,7 @@ class Libp2pRouter:
                 fut.cancel()  # the trio side shields its stream opens/resets
 
     def ready(self) -> bool:
-        if self._trio is None:
+        if self._trio is None or not self._serving:
             return False
         if self._ready_alone:
             return True

@@ -1,0 +1,1 @@
+"""`shoal load`: image archives into the node's containerd, verified, named and shareable."""

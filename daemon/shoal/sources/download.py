@@ -1,0 +1,198 @@
+"""One blob downloaded from other nodes: a sequence of holders, each with a progress deadline.
+
+A holder whose body goes silent for `silence` seconds is probed on a second connection (a HEAD
+of the same content, `probe_timeout` to answer): one that answers is alive and only waiting
+(e.g. the designated fetcher, itself waiting for upstream bytes), and is waited for up to
+`max_silence`; one that does not (stopped, hung, partitioned) is abandoned and the bytes
+continue from the next holder with Range. A holder that breaks off is abandoned the same way.
+
+The bytes are not verified here: whoever reads them hashes them (the spool, or the registry).
+When they do not match, it says so (`Delivery.on_mismatch`), and the holders that sent them are
+remembered (`holders.Holders`): the next download of the digest restarts from byte 0 elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiohttp
+
+from shoal import metrics
+from shoal.content.model import Delivery, SourceKind
+from shoal.oci.digest import Digest
+from shoal.registry.protocol import peer_url
+from shoal.routing.base import Peer
+from shoal.sources.holders import Holders
+
+log = logging.getLogger("shoal.peers")
+
+CHUNK = 1024 * 1024
+ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, OSError)
+
+
+class Stalled(ConnectionError):
+    pass
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    header_timeout: float = 2.0  # a holder that has not answered by then is skipped
+    silence: float = 2.0  # a body silent this long gets its holder probed
+    probe_timeout: float = 2.0  # a probe unanswered this long: the holder is abandoned
+    max_silence: float = 300.0  # even a live holder silent this long is abandoned
+
+
+class Link(Protocol):
+    """What a download needs of its PeerSource: the HTTP session, deadlines, memory."""
+
+    @property
+    def session(self) -> aiohttp.ClientSession: ...
+
+    @property
+    def deadlines(self) -> Deadlines: ...
+
+    @property
+    def holders(self) -> Holders: ...
+
+    @property
+    def signer(self) -> RequestSigner: ...
+
+
+class RequestSigner(Protocol):
+    """How requests to peers prove cluster membership (shoal.tenancy.signer.PeerSigner)."""
+
+    def headers(self, method: str, path: str, ns: str | None, fetch: bool) -> dict[str, str]: ...
+
+    def redirect_query(
+        self, holder: str, path: str, ns: str | None, fetch: bool
+    ) -> dict[str, str]: ...
+
+
+@dataclass
+class PeerDownload:
+    """Not verified: a peer is never trusted. Another node serves it (`delivery().location`)."""
+
+    link: Link
+    digest: Digest
+    peers: list[Peer]  # in the order to ask them
+    url_path: str
+    ns: str | None
+    size: int
+    fetch: bool = False  # asked of the peer as the cluster's designated fetcher
+    patience: float | None = None  # for its answer, if not `header_timeout`
+    source: SourceKind = SourceKind.PEER
+    contributors: list[str] = field(default_factory=list)  # who sent the last read's bytes
+
+    def delivery(self) -> Delivery:
+        holder, path = self.peers[0], self._blob_path
+        marks = self.link.signer.redirect_query(holder.id, path, self.ns, self.fetch)
+        return Delivery(
+            location=peer_url(holder.address, path, self.ns, marks),
+            redirected=self._redirected,
+            on_mismatch=self._mismatch,
+        )
+
+    def _redirected(self, start: int) -> None:
+        self.link.holders.redirected(str(self.digest), self.peers[0].id)
+
+    def _mismatch(self) -> None:
+        metrics.HOLDERS_ABANDONED.labels("mismatch").inc()
+        self.link.holders.failed_verification(str(self.digest), list(self.contributors))
+
+    @property
+    def _blob_path(self) -> str:
+        # Peers serve any content they hold under /blobs/, with Range; manifests included.
+        return self.url_path.replace("/manifests/", "/blobs/")
+
+    async def open(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end), resumed from the next holder with Range if one stalls or fails."""
+        pos = start
+        self.contributors = []
+        last_error: BaseException | None = None
+        for peer in self.peers:
+            if pos >= end:
+                return
+            try:
+                async for chunk in self._from(peer, pos, end):
+                    if not self.contributors or self.contributors[-1] != peer.id:
+                        self.contributors.append(peer.id)
+                    pos += len(chunk)
+                    yield chunk
+                if pos >= end:
+                    self.link.holders.answered(peer.id)
+                    return
+                raise ConnectionError(f"peer {peer.address} ended the body at {pos} of {end}")
+            except ERRORS as exc:
+                last_error = exc
+                self.link.holders.slow(peer.id)
+                metrics.HOLDERS_ABANDONED.labels(
+                    "silent" if isinstance(exc, Stalled) else "failed"
+                ).inc()
+                log.warning("peer %s failed at byte %d of %s: %s; trying the next",
+                            peer.address, pos, self.digest, exc)  # fmt: skip
+        if pos < end:
+            raise ConnectionError(f"no peer served {self.digest} past byte {pos}: {last_error}")
+
+    async def _from(self, peer: Peer, pos: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes [pos, end) from `peer`, as they come; raises when it stalls or fails."""
+        headers = self.link.signer.headers("GET", self._blob_path, self.ns, self.fetch)
+        if pos > 0 or end < self.size:
+            headers["Range"] = f"bytes={pos}-{end - 1}"
+        url = peer_url(peer.address, self._blob_path, self.ns)
+        d = self.link.deadlines
+        async with asyncio.timeout(self.patience or d.header_timeout):
+            resp = await self.link.session.get(url, headers=headers)
+        try:
+            if resp.status not in (200, 206) or (pos > 0 and resp.status != 206):
+                raise aiohttp.ClientResponseError(
+                    resp.request_info, (), status=resp.status, message="peer refused"
+                )
+            while pos < end:
+                chunk = await self._next(resp, peer)
+                if not chunk:
+                    return
+                chunk = chunk[: end - pos]
+                pos += len(chunk)
+                yield chunk
+        finally:
+            if resp.content.at_eof():
+                resp.release()
+            else:
+                resp.close()  # never reuse a connection whose body was not read to the end
+
+    async def _next(self, resp: aiohttp.ClientResponse, peer: Peer) -> bytes:
+        """The next piece of the body (b"" at its end), waiting only while `peer` is alive."""
+        d = self.link.deadlines
+        read = asyncio.ensure_future(resp.content.read(CHUNK))
+        silent = 0.0
+        try:
+            while True:
+                done, _ = await asyncio.wait({read}, timeout=d.silence)
+                if done:
+                    return read.result()
+                silent += d.silence
+                if silent >= d.max_silence:
+                    raise Stalled(f"peer {peer.address} sent nothing for {silent:.0f}s")
+                if not await self._alive(peer):
+                    raise Stalled(f"peer {peer.address} went silent and does not answer")
+        finally:
+            if not read.done():
+                read.cancel()
+                with contextlib.suppress(BaseException):
+                    await read
+
+    async def _alive(self, peer: Peer) -> bool:
+        """Whether `peer` answers a HEAD for this content at once (on its own connection)."""
+        url = peer_url(peer.address, self._blob_path, self.ns)
+        try:
+            async with asyncio.timeout(self.link.deadlines.probe_timeout):
+                headers = self.link.signer.headers("HEAD", self._blob_path, self.ns, False)
+                async with self.link.session.head(url, headers=headers) as resp:
+                    return resp.status == 200
+        except ERRORS:
+            return False
