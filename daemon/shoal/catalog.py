@@ -36,7 +36,7 @@ from shoal.containerd.client import ContainerdClient
 from shoal.containerd.events import CONTENT_CREATE
 from shoal.containerd.model import ContainerdError, Event
 from shoal.containerd.watch import watch
-from shoal.tenancy.access import HeldImage, split_image_name
+from shoal.tenancy.access import HeldImage, operator_choice, split_image_name
 
 log = logging.getLogger("shoal.catalog")
 
@@ -87,7 +87,15 @@ async def node_images(client: ContainerdClient) -> list[HeldImage]:
         manifests = frozenset(b.digest for b in walked.blobs if b.kind in ("index", "manifest"))
         tag = tag_key(image.name) is not None and image.target.digest in present
         held.append(
-            HeldImage(*where, image.name, image.target.digest, walked.digests, manifests, tag)
+            HeldImage(
+                *where,
+                image.name,
+                image.target.digest,
+                walked.digests,
+                manifests,
+                tag,
+                shared=operator_choice(image.labels),
+            )
         )
     return held
 

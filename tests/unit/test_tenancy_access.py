@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 from shoal.oci.digest import Digest
 from shoal.oci.names import make_reference
-from shoal.tenancy.access import Access, HeldImage, split_image_name
+from shoal.tenancy.access import (
+    SHAREABLE_LABEL,
+    Access,
+    HeldImage,
+    operator_choice,
+    split_image_name,
+)
 from shoal.tenancy.policy import SharePolicy
 from shoal.tenancy.status import Key, Status, StatusStore
 from tests.fakes.upstream import Clock
@@ -218,3 +225,21 @@ async def test_a_blob_containerd_pulled_itself_is_shared_by_where_its_labels_say
     acc2 = Access(StatusStore(None), unknown, None, listed=["docker.io"])
     assert not acc2.committed_ok({"containerd.io/distribution.source.docker.io": "library/x"})
     assert acc2.committed_ok({"containerd.io/distribution.source.air.gapped": "team/app"})
+
+
+async def test_the_operators_label_shares_a_loaded_image_or_keeps_it_private(
+    tmp_path: Path,
+) -> None:
+    """`shoal load` labels what it loads shareable (no registry to ask on an air-gapped site);
+    `--private` labels it never shared, even where its registry serves it anonymously."""
+    loaded = replace(image("site/app", 1, 2), shared=True)
+    kept = replace(image("pub/app", 4, 5), shared=False)
+    acc, prober, _ = access(tmp_path, {(REG, "pub/app", d(4)): Status.PUBLIC})
+    assert acc.update([loaded, kept]) == {d(1), d(2), loaded.name}
+    await settle()
+    assert prober.asked == []  # the operator decided: no registry is asked about either
+    assert acc.tag_ok(loaded.name) and not acc.tag_ok(kept.name)
+    assert not acc.blob_ok(Digest.parse(d(5))) and acc.withheld(d(5)) == "private"
+    assert operator_choice({SHAREABLE_LABEL: "true"}) is True
+    assert operator_choice({SHAREABLE_LABEL: "false"}) is False
+    assert operator_choice({SHAREABLE_LABEL: "yes please"}) is None

@@ -33,10 +33,10 @@ from shoal.load.names import CONTAINERD_NAME, REF_NAME, BadName, ImageName, from
 from shoal.load.plan import SOURCE_LABEL, Held, Planner, Refused
 from shoal.oci.manifest import RawDescriptor, child_descriptor
 from shoal.oci.mediatypes import DOCKER_MANIFEST, MAX_MANIFEST_BYTES, parse_manifest
+from shoal.tenancy.access import SHAREABLE_LABEL
 
 log = logging.getLogger("shoal.load")
 
-SHAREABLE_LABEL = "io.shoal.shareable"
 LEASE_LABEL = "io.shoal.load"
 LEASE_EXPIRY = timedelta(hours=2)  # a load that died midway leaves nothing for longer
 _BLOB = re.compile(r"^blobs/(sha256|sha512)/([0-9a-f]{64}|[0-9a-f]{128})$")

@@ -56,6 +56,17 @@ class HeldImage:
     digests: frozenset[str]  # every digest of it the node holds
     manifests: frozenset[str] = frozenset()  # the index and manifests among them
     tag: bool = False  # the name is a tag whose target the node holds: a routing key
+    shared: bool | None = None  # the operator's word on the record (SHAREABLE_LABEL), if any
+
+
+# An image record's label: "true" shares it (what `shoal load` sets: loading is the operator's
+# act of sharing), "false" never shares it, whatever its registry answers anonymously.
+SHAREABLE_LABEL = "io.shoal.shareable"
+
+
+def operator_choice(image_labels: Mapping[str, str]) -> bool | None:
+    value = image_labels.get(SHAREABLE_LABEL, "").strip().lower()
+    return {"true": True, "false": False}.get(value)
 
 
 def split_image_name(name: str) -> tuple[str, str] | None:
@@ -125,9 +136,13 @@ class Access:
             held.add(key)
             learned = self.statuses.get(key)
             status = learned.status if learned is not None else Status.UNKNOWN
+            if image.shared is False:
+                status = Status.PRIVATE  # the operator said so: nothing to ask a registry
             counts[status] += 1
-            self._probe_if_due(key, learned)
-            if not self.policy.shares(status, image.registry, image.repository):
+            if image.shared is None:
+                self._probe_if_due(key, learned)
+            shares = image.shared is True
+            if not shares and not self.policy.shares(status, image.registry, image.repository):
                 reason = refusals.PRIVATE if status is Status.PRIVATE else refusals.UNKNOWN
                 for digest in image.digests | ({image.name} if image.tag else set()):
                     if withheld.get(digest) != refusals.PRIVATE:
