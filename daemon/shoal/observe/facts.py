@@ -1,8 +1,9 @@
 """The facts of one node, as `/status.json` serves them and `/status` and `shoal status` show them.
 
 The daemon hands in plain callables (`NodeParts`), so this module knows nothing of how the parts
-are wired, and tests build it from fakes. Hooks not yet fed by their owner (quarantine, preheat)
-answer empty lists.
+are wired, and tests build it from fakes. The daemon feeds the hooks: refusals from
+`shoal.tenancy.refusals`, quarantined digests from `shoal.integrity`'s record, preheats from the
+keeper; a hook left out answers an empty list.
 """
 
 from __future__ import annotations
