@@ -304,10 +304,9 @@ class Daemon:
             await asyncio.sleep(2.0)
 
     async def _shareable_keys(self, client: ContainerdClient) -> set[str]:
-        """What the node holds and may share, and what it keeps for preheats (fetched
-        anonymously for the cluster, so shareable)."""
-        keys = self.access.update(await node_images(client))
-        return keys | (self.keeper.keys() if self.keeper is not None else set())
+        """What the node holds and may share, with what it keeps for preheats."""
+        images = await node_images(client)
+        return self.access.update(images + (self.keeper.held() if self.keeper else []))
 
     async def _committed_shareable(self, digest: str) -> bool:
         """A blob containerd committed before any image names it."""

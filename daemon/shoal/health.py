@@ -18,6 +18,7 @@ from aiohttp import web
 from shoal import metrics
 from shoal.containerd.model import ContainerdError
 from shoal.routing.base import Peer
+from shoal.tenancy.admission import is_local
 
 log = logging.getLogger("shoal")
 
@@ -77,7 +78,10 @@ def health_app(ready: Callable[[], bool], router: RoutingView) -> web.Applicatio
         return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
 
     async def providers(request: web.Request) -> web.Response:
-        """Which peers the DHT names for a key: what this node's pulls would try."""
+        """Which peers the DHT names for a key: what this node's pulls would try. Asked from
+        the node itself only: a lookup costs the cluster work."""
+        if not is_local(request.remote):
+            return web.json_response({"error": "ask from the node itself"}, status=403)
         key = request.query.get("key", "")
         if not key or len(key) > 512:
             return web.json_response({"error": "?key=<digest or registry/repo:tag>"}, status=400)

@@ -150,8 +150,7 @@ def served_once(node: Node, world: Soak) -> None:
     first answer may be a 404 while a quarantine is lifted after a re-pull)."""
 
     def whole() -> bool:
-        status, _, body = node.request(f"/v2/faults/large/blobs/{world.layer}",
-                                       headers={"X-Shoal-Peer": "1"})  # fmt: skip
+        status, _, body = node.peer_request(f"/v2/faults/large/blobs/{world.layer}")
         return status == 200 and body == world.image.layers[0].data
 
     wait_until(whole, 30, f"{node.ns.short_name} serves the layer intact")
@@ -292,8 +291,7 @@ def test_bit_rot_on_a_holder_with_a_warm_record(soak: Soak, transfer: str, good_
             check_pulled(soak, outcome)
             # Node 1 found its copy bad if it sent any of it; it never serves it again.
             if quarantines(n1) > before:
-                status, _, _ = n1.request(f"/v2/faults/large/blobs/{soak.layer}",
-                                          method="HEAD", headers={"X-Shoal-Peer": "1"})  # fmt: skip
+                status, _, _ = n1.peer_request(f"/v2/faults/large/blobs/{soak.layer}", "HEAD")
                 assert status == 404
     finally:
         n3.shoal.stop()  # type: ignore[union-attr]

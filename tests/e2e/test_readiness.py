@@ -57,7 +57,10 @@ def world(registry: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Itera
         node.pull(registry.refs["oci"], via_hosts=False, plain_http=True)
         # A static peer that never answers: routing starts, and stays without peers.
         nobody = "/ip4/127.0.0.1/tcp/9"
-        args = ["--ready-alone", "true", "--bootstrap", "static", "--bootstrap-peers", nobody]
+        args = ["--ready-alone", "true", "--bootstrap", "static", "--bootstrap-peers", nobody,
+                # Readiness, not tenancy: the node's image is shared from the first sync on,
+                # without waiting for shoal to learn that its registry serves it to anyone.
+                "--share-registries", registry.registry.host]  # fmt: skip
         shoal = ShoalDaemon(node, extra_args=args)
         answers: list[int] = []
         stop = threading.Event()

@@ -64,6 +64,7 @@ class Node:
     ns: Namespace
     containerd: ContainerdNode
     shoal: ShoalDaemon | None = None
+    key_file: Path | None = None  # its cluster's key, for requests posing as a peer
 
     def request(
         self, path: str, port: int = PORT, method: str = "GET", headers: dict | None = None
@@ -71,6 +72,21 @@ class Node:
         """An HTTP request from inside this node's namespace to its own shoal, over loopback
         (as its containerd asks)."""
         return request_from(self.ns, f"http://127.0.0.1:{port}{path}", method, headers)
+
+    def peer_request(
+        self, path: str, method: str = "GET", headers: dict | None = None
+    ) -> tuple[int, dict, bytes]:
+        """A request to this node's shoal signed as another member's would be (the peer
+        protocol's marks and signature), over loopback."""
+        from shoal.tenancy.keys import ClusterKey
+        from shoal.tenancy.signer import PeerSigner
+
+        assert self.key_file is not None, "the node belongs to no cluster"
+        signer = PeerSigner(ClusterKey.from_file(self.key_file), lambda: "a-member")
+        target, _, query = path.partition("?")
+        ns = dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("ns")
+        marks = signer.headers(method, target, ns, False)
+        return self.request(path, method=method, headers={**(headers or {}), **marks})
 
     def providers(self, key: str) -> list[str]:
         status, _, body = self.request(f"/debug/providers?key={key}", METRICS)
@@ -116,7 +132,7 @@ class Cluster:
                  str(cd.hosts_dir), "--mirror", MIRROR, "--registry", f"{reg}=http://{reg}"],
                 check=True,
             )  # fmt: skip
-        node = Node(ns, cd)
+        node = Node(ns, cd, key_file=self.key_file)
         self.nodes.append(node)
         return node
 

@@ -35,6 +35,7 @@ from shoal.oci.mediatypes import (
     parse_manifest,
 )
 from shoal.oci.names import Reference
+from shoal.tenancy.access import HeldImage
 
 log = logging.getLogger("shoal.preheat")
 
@@ -128,11 +129,23 @@ class Keeper:
     def keys(self) -> set[str]:
         """Routing keys of what this node keeps: the digests, and the tags."""
         out: set[str] = set()
+        for image in self.held():
+            out |= image.digests | ({image.name} if image.tag else set())
+        return out
+
+    def held(self) -> list[HeldImage]:
+        """What this node keeps, as images for the sharing rules: fetched for the cluster,
+        anonymously, so shared (as `io.shoal.shareable=true` would say of an image record)."""
+        out: list[HeldImage] = []
         for job in self.jobs.values():
-            if job.state == "kept" and job.until > self.clock():
-                out |= job.digests
-                if job.ref.image_name:
-                    out.add(job.ref.image_name)
+            name = job.ref.image_name
+            if job.state != "kept" or job.until <= self.clock() or not name:
+                continue
+            digests = frozenset(job.digests)
+            # Any of them may be asked as a manifest, under this repository only.
+            out.append(HeldImage(job.ref.registry or "", job.ref.repository, name,
+                                 str(job.target.digest), digests, digests, job.ref.tag is not None,
+                                 shared=True))  # fmt: skip
         return out
 
     def to_json(self) -> list[dict[str, Any]]:
