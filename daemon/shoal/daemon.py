@@ -322,8 +322,18 @@ class Daemon:
         return await self.store.content_size(digest) is not None
 
     def _me(self) -> Peer | None:
-        node_id = self.router.node_info().id
-        return Peer(node_id, self.settings.listen) if node_id else None
+        """This node as its peers know it: the registry port at the host it announces."""
+        info = self.router.node_info()
+        if not info.id:
+            return None
+        host, port = split_host_port(self.settings.listen)
+        if host in ("0.0.0.0", "::", ""):
+            for addr in info.addrs:  # /ip4/<host>/tcp/<port>/p2p/<id>
+                parts = addr.split("/")
+                if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+                    host = parts[2] if parts[1] == "ip4" else f"[{parts[2]}]"
+                    break
+        return Peer(info.id, f"{host}:{port}")
 
     async def stop(self) -> None:
         for task in self.tasks:

@@ -126,6 +126,15 @@ def test_deleted_and_moved_tags_are_never_served_from_memory(world: World) -> No
     world.node.pull(other, via_hosts=False, plain_http=True)
     moved = ref.rsplit(":", 1)[0] + ":moving"
     world.node.ctr("images", "tag", "--force", ref, moved)
+    # A new tag is answered once the sharing rules saw it (the catalog's next sync, soon).
+    wait_until(
+        lambda: (
+            world.tag_head("test/oci", "moving")[1].get("docker-content-digest")
+            == world.registry.digest("oci")
+        ),
+        30,
+        "the new tag answers",
+    )
     for _ in range(5):  # kept in memory now
         headers = world.tag_head("test/oci", "moving")[1]
         assert headers.get("docker-content-digest") == world.registry.digest("oci")
