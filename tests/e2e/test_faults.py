@@ -298,15 +298,20 @@ def test_bit_rot_on_a_holder_with_a_warm_record(soak: Soak, transfer: str, good_
         soak.cluster.start_shoal(n3)
 
 
+def two_warm_holders(soak: Soak, *holders: Node) -> None:
+    """Both holders have the image and served it once (their records warm); a fresh puller."""
+    for holder in holders:
+        holding(holder, soak, direct=True)
+        served_once(holder, soak)  # after a re-pull, this also lifts a quarantine
+    fresh_puller(soak)
+    advertised_by(soak, *holders)
+
+
 def test_holder_sigstopped_mid_body(soak: Soak) -> None:
     n1, n2, _ = soak.nodes
     outcomes = soak.results.setdefault("holder SIGSTOP mid-body", [])
     for _ in range(TRIALS):
-        for holder in (n1, n2):
-            holding(holder, soak, direct=True)
-            served_once(holder, soak)  # after a re-pull, this also lifts a quarantine
-        fresh_puller(soak)
-        advertised_by(soak, n1, n2)
+        two_warm_holders(soak, n1, n2)
         soak.registry.stop()
         stopped: list[Node] = []
         try:
@@ -324,11 +329,7 @@ def test_holder_sigkilled_mid_body(soak: Soak) -> None:
     n1, n2, _ = soak.nodes
     outcomes = soak.results.setdefault("holder SIGKILL mid-body", [])
     for _ in range(TRIALS):
-        for holder in (n1, n2):
-            holding(holder, soak, direct=True)
-            served_once(holder, soak)  # after a re-pull, this also lifts a quarantine
-        fresh_puller(soak)
-        advertised_by(soak, n1, n2)
+        two_warm_holders(soak, n1, n2)
         soak.registry.stop()
         killed: list[Node] = []
         try:

@@ -30,7 +30,8 @@ T = TypeVar("T")
 
 
 class ImageClient(Protocol):
-    """The containerd calls the node store makes (shoal.containerd.ContainerdClient)."""
+    """The containerd calls the node store makes (shoal.containerd.ContainerdClient, or this
+    cache in front of it)."""
 
     async def get_image(self, name: str) -> Image | None: ...
 

@@ -5,32 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
-from typing import Protocol
 
-from shoal.containerd.model import ContentInfo, Image
+from shoal.containerd.imagecache import ImageClient
 from shoal.content.model import Descriptor
 from shoal.oci.digest import Digest
-
-
-class StoreClient(Protocol):
-    """The containerd calls a store needs (shoal.containerd.ContainerdClient)."""
-
-    async def get_image(self, name: str) -> Image | None: ...
-
-    async def info(self, digest: str | Digest) -> ContentInfo | None: ...
-
-    def blob_path(self, digest: str | Digest) -> str | None: ...
-
-    def open_blob(
-        self, digest: str | Digest, offset: int = 0, length: int | None = None
-    ) -> AsyncIterator[bytes]: ...
 
 
 class ContainerdStore:
     """Image records come from containerd's Images service; blob bytes from the content directory
     on disk when it is readable (much faster than gRPC Read), else over gRPC."""
 
-    def __init__(self, client: StoreClient) -> None:
+    def __init__(self, client: ImageClient) -> None:
         self.client = client
 
     async def image_target(self, name: str) -> Descriptor | None:
