@@ -125,6 +125,14 @@ def registry(session_tmp: Path) -> Iterator[Upstream]:
     up.registry.stop()
 
 
+@pytest.fixture(autouse=True)
+def _session_registry_running(request: pytest.FixtureRequest) -> None:
+    """Modules end with `stop_all()`, which also stops the session's registry: a test that
+    uses it gets it started again (on its port) rather than a refused connection."""
+    if "registry" in request.fixturenames:
+        request.getfixturevalue("registry").registry.start()
+
+
 NodeFactory = Callable[..., ContainerdNode]
 
 
@@ -172,3 +180,11 @@ def network_registry(registry: Upstream, network: Network, tmp: Path) -> Iterato
     up = registry.serve_on(tmp / "net-registry", network.host_ip, name="net-upstream")
     yield up
     up.registry.stop()
+
+
+@pytest.fixture(autouse=True)
+def _session_registry_running(request: pytest.FixtureRequest) -> None:
+    """Modules end with `stop_all()`, which also stops the session's registry: a test that
+    uses it gets it started again (on its port) rather than a refused connection."""
+    if "registry" in request.fixturenames:
+        request.getfixturevalue("registry").registry.start()
