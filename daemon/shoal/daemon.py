@@ -36,6 +36,7 @@ from shoal.registry.app import make_app
 from shoal.registry.httpserver import RegistryRunner, ServerLimits
 from shoal.registry.transfer import PeerTransfer
 from shoal.routing.base import Peer, Router
+from shoal.routing.bootstrap import ip_of_multiaddr
 from shoal.routing.factory import make_router
 from shoal.sources.holders import Holders
 from shoal.sources.inflight import InFlightSource
@@ -328,11 +329,9 @@ class Daemon:
             return None
         host, port = split_host_port(self.settings.listen)
         if host in ("0.0.0.0", "::", ""):
-            for addr in info.addrs:  # /ip4/<host>/tcp/<port>/p2p/<id>
-                parts = addr.split("/")
-                if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
-                    host = parts[2] if parts[1] == "ip4" else f"[{parts[2]}]"
-                    break
+            announced = next(filter(None, map(ip_of_multiaddr, info.addrs)), None)
+            if announced is not None:
+                host = f"[{announced}]" if ":" in announced else announced
         return Peer(info.id, f"{host}:{port}")
 
     async def stop(self) -> None:

@@ -73,7 +73,8 @@ async def _infos_for_ips(ips: Sequence[str], port: int, fetch: InfoFetcher) -> l
     return [addr for addrs in results for addr in addrs]
 
 
-def _ip_of_multiaddr(addr: str) -> str | None:
+def ip_of_multiaddr(addr: str) -> str | None:
+    """The host of a multiaddr (`/ip4/<ip>/tcp/…`, ip6, dns): None if it names none."""
     parts = addr.split("/")
     for i, part in enumerate(parts[:-1]):
         if part in ("ip4", "ip6", "dns", "dns4", "dns6"):
@@ -93,7 +94,7 @@ class StaticDiscovery:
 
     async def discover(self) -> list[str]:
         ready = [a for a in self._addrs if "/p2p/" in a]
-        ask = [ip for a in self._addrs if "/p2p/" not in a and (ip := _ip_of_multiaddr(a))]
+        ask = [ip for a in self._addrs if "/p2p/" not in a and (ip := ip_of_multiaddr(a))]
         return ready + await _infos_for_ips(ask, self._port, self._fetch)
 
 
