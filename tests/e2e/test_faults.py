@@ -149,11 +149,18 @@ def served_once(node: Node, world: Soak) -> None:
     """`node`'s shoal sends its copy once, whole: hashed while sent, its record now warm (the
     first answer may be a 404 while a quarantine is lifted after a re-pull)."""
 
+    last: list[str] = []
+
     def whole() -> bool:
         status, _, body = node.peer_request(f"/v2/faults/large/blobs/{world.layer}")
+        last[:] = [f"last answer {status}: {body[:200]!r}"]
         return status == 200 and body == world.image.layers[0].data
 
-    wait_until(whole, 30, f"{node.ns.short_name} serves the layer intact")
+    try:
+        wait_until(whole, 30, f"{node.ns.short_name} serves the layer intact")
+    except Exception as exc:
+        log = node.shoal.log_path.read_text(errors="replace")[-4000:] if node.shoal else ""
+        raise AssertionError(f"{exc}; {last}; its log ends:\n{log}") from None
 
 
 def advertised_by(world: Soak, *holders: Node) -> None:

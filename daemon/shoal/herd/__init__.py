@@ -1,0 +1,1 @@
+"""Spreading one blob through a herd of pulling nodes as a tree (README, "A herd of hundreds")."""
