@@ -189,6 +189,13 @@ OPTIONS: tuple[Option, ...] = (
         type=int,
     ),
     Option(
+        "herd_fanout",
+        2,
+        "peers one node sends one blob to at once; the rest are referred to those receiving it, "
+        "which pass it on as it arrives: a tree instead of a star (0: no bound)",
+        type=int,
+    ),
+    Option(
         "scrub_interval",
         86400.0,
         "seconds within which every file of the content store shoal verified is hashed again",
@@ -244,6 +251,7 @@ class Settings:
     spool_max_bytes: int
     peer_transfer: str
     ordered_streams: int
+    herd_fanout: int
     scrub_interval: float
     scrub_min_rate: int
     scrub_max_rate: int

@@ -22,6 +22,7 @@ from shoal.fetch.imageorder import OrderedFetches
 from shoal.fetch.sharing import SharedFetches
 from shoal.fetch.spool import Spool
 from shoal.health import ContainerdHealth, health_app
+from shoal.herd.serving import Herd
 from shoal.integrity.guard import Integrity
 from shoal.integrity.ledger import Ledger, keep_saved
 from shoal.integrity.scrub import Scrub, ScrubSettings
@@ -82,7 +83,7 @@ class Daemon:
             content_root=settings.content_root or None,
         )
         key = load_cluster_key(settings.cluster_key_file)
-        self.signer = PeerSigner(key, self._my_id)
+        self.signer = signs = PeerSigner(key, self._my_id)
         port = split_host_port(settings.listen)[1]
         self.router: Router = make_router(settings, port, psk=key.p2p_psk())
         self.recorder = Recorder()
@@ -93,8 +94,9 @@ class Daemon:
             local_networks=parse_networks(settings.local_addresses),
             refused=self.refusals,
         )
-        self.holders = Holders()
-        self.peers = PeerSource(TimedLookup(self.router), holders=self.holders, signer=self.signer)
+        self.holders = held = Holders()
+        self.herd = herd = Herd(self.router.members, settings.herd_fanout, me=self._my_id)
+        self.peers = PeerSource(TimedLookup(self.router), holders=held, signer=signs, herd=herd)
         self.problems = LastProblem()
         self.containerd_version = ""
         self.transfer = PeerTransfer(
@@ -217,6 +219,7 @@ class Daemon:
             admission=self.admission,
             recorder=self.recorder,
             posts={HOLD_PATH: lambda request: hold(request, keeper)},
+            herd=self.herd,
         )
         await self._serve(app, self.settings.listen, "registry")
         health = health_app(self.ready, self.router)

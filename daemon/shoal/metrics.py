@@ -96,6 +96,23 @@ HOLDERS_ABANDONED = Counter(
 
 
 # Per registry (`ns`) and source, counted once per answer by shoal.observe.middleware.
+HERD_STREAMS = Gauge(
+    "shoal_herd_streams",
+    "Blob streams this node sends to peers now under the herd's fan-out bound",
+    registry=REGISTRY,
+)
+HERD_REFUSED = Counter(
+    "shoal_herd_refused_total",
+    "Peer requests answered 429 by the herd bound, by why (full: referred onward; loop)",
+    ["reason"],
+    registry=REGISTRY,
+)
+HERD_FOLLOWED = Counter(
+    "shoal_herd_referrals_followed_total",
+    "Referrals this node followed to another peer, and re-attaches asking for a spare slot",
+    ["kind"],
+    registry=REGISTRY,
+)
 PULLS = Counter(
     "shoal_pulls_total",
     "Manifests and blobs answered, by registry (`ns`), source and kind",

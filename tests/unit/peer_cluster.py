@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestServer
 
 from shoal.fetch.sharing import SharedFetches
 from shoal.fetch.spool import Spool
+from shoal.herd.serving import Herd
 from shoal.registry.app import make_app
 from shoal.registry.transfer import PeerTransfer
 from shoal.routing import Peer
@@ -35,6 +36,11 @@ class Cluster:
         self.spools: list[Spool] = []
         self.lookups: list[str] = []
         self.holders: dict[str, Holders] = {}
+        self.herds: dict[str, Herd] = {}
+        self.routers: list[MemoryRouter] = []
+
+    def net_members(self) -> list[Peer]:
+        return [r.peer for r in self.routers]
 
     async def node(
         self,
@@ -45,6 +51,7 @@ class Cluster:
         redirect: bool = False,
         spooled: bool = False,
         local: LocalSource | None = None,
+        fanout: int | None = None,
     ) -> tuple[TestServer, MemoryRouter]:
         """A node; it relays peers' bytes itself unless `redirect` (then even small blobs),
         through its own spool with `spooled` (the daemon's default), else streamed."""
@@ -53,7 +60,11 @@ class Cluster:
         deadlines = Deadlines(header_timeout=header_timeout, silence=0.3, probe_timeout=0.5)
         settings = PeerSettings(hedge_after=0.1, deadlines=deadlines)
         holders = self.holders[name] = Holders()
-        peers = PeerSource(_Counting(holder, self.lookups), settings, holders, signer=signer(name))
+        herd = None
+        if fanout is not None:
+            herd = self.herds[name] = Herd(lambda: self.net_members(), fanout, me=lambda: name)
+        counting = _Counting(holder, self.lookups)
+        peers = PeerSource(counting, settings, holders, signer=signer(name), herd=herd)
         transfer = PeerTransfer(redirect=redirect, redirect_min=0, asked=holders)
         if app is None:
             sources: list = [local, peers]
@@ -64,11 +75,12 @@ class Cluster:
                 sharing = SharedFetches(spool, router)  # type: ignore[arg-type]
                 sources = [local, InFlightSource(sharing), SpooledPeers(peers, sharing, transfer)]
             chain = SourceChain(sources, sources[:2] if spooled else [local])
-            app = make_app(chain, transfer=transfer, admission=admission(name))
+            app = make_app(chain, transfer=transfer, admission=admission(name), herd=herd)
         server = TestServer(app, host="127.0.0.1")
         await server.start_server()
         router = MemoryRouter(self.net, Peer(name, f"127.0.0.1:{server.port}"))
         holder["r"] = router
+        self.routers.append(router)
         await router.start()
         self.servers.append(server)
         return server, router

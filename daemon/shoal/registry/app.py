@@ -19,6 +19,7 @@ from aiohttp.typedefs import Middleware
 from shoal import metrics
 from shoal.content.model import Source, SourceKind
 from shoal.content.verify import DigestMismatch, verified_chunks
+from shoal.herd.serving import Herd, Refer
 from shoal.observe.middleware import recording
 from shoal.observe.recorder import Recorder
 from shoal.oci.digest import Digest
@@ -30,7 +31,7 @@ from shoal.registry.middleware import NameUnknownPath, common_headers, not_found
 from shoal.registry.protocol import P2P_INFO_PATH, Asker
 from shoal.registry.transfer import PeerTransfer
 from shoal.sources.chain import SourceChain
-from shoal.tenancy.admission import Admission, admitted
+from shoal.tenancy.admission import Admission, admitted, sender_of
 
 log = logging.getLogger("shoal.registry")
 
@@ -48,8 +49,9 @@ class Manifest:
 
 
 class Registry:
-    def __init__(self, chain: SourceChain, transfer: PeerTransfer) -> None:
+    def __init__(self, chain: SourceChain, transfer: PeerTransfer, herd: Herd | None) -> None:
         self.chain = chain
+        self.herd = herd  # the bound on peers served each blob at once, with referrals
         self.blobs = BlobServer(transfer)
         # Verified bytes of manifests the node holds; used only while the node still has them.
         self.verified_manifests = ByteCache(64 * 1024 * 1024)
@@ -99,7 +101,19 @@ class Registry:
         blob = await self.chain.find_blob(self.chain.for_asker(who), ref, ref.digest)
         if blob is None:
             raise BlobUnknown("blob unknown", {"digest": str(ref.digest)})
-        return await self.blobs.serve(request, blob, ref.digest, who)
+        if who is Asker.CONTAINERD or self.herd is None:
+            return await self.blobs.serve(request, blob, ref.digest, who)
+        key = str(ref.digest)
+        slot = None
+        if request.method == "GET":
+            try:
+                slot = self.herd.admit(request, key, blob.size, sender_of(request))
+            except Refer as refer:
+                return refer.response()
+        try:
+            return await self.blobs.serve(request, blob, ref.digest, who, self.herd.headers(key))
+        finally:
+            self.herd.release(slot)
 
     async def serve_manifest(
         self, request: web.Request, ref: Reference, who: Asker
@@ -162,14 +176,16 @@ def make_app(
     admission: Admission | None = None,
     recorder: Recorder | None = None,
     posts: Mapping[str, Handler] | None = None,
+    herd: Herd | None = None,
 ) -> web.Application:
     """The pull API. `p2p_info`, when given, is served at P2P_INFO_PATH: peers that know only
     this node's address learn its libp2p identity there (dns and kubernetes bootstrap).
     `transfer` decides whether containerd is sent to a peer for a blob (default: as the
     `--peer-transfer` default). `admission` decides who may ask (default: this node's
     containerd only, over loopback). `recorder` is told of every answer (the status page).
-    `posts`: node-to-node POST endpoints by path (`/_shoal/…`), e.g. a preheat request."""
-    registry = Registry(chain, transfer or PeerTransfer())
+    `posts`: node-to-node POST endpoints by path (`/_shoal/…`), e.g. a preheat request.
+    `herd`: how many peers may be sent one blob at once (None: no bound)."""
+    registry = Registry(chain, transfer or PeerTransfer(), herd)
     admit = admission or Admission(None, lambda: "")
     middlewares: list[Middleware] = [admit.middleware, oci_errors]
     if recorder is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import BinaryIO
 
 from aiohttp import web
@@ -33,8 +33,14 @@ class BlobServer:
         self.transfer = transfer
 
     async def serve(
-        self, request: web.Request, blob: Blob, digest: Digest, asker: Asker
+        self,
+        request: web.Request,
+        blob: Blob,
+        digest: Digest,
+        asker: Asker,
+        extra: Mapping[str, str] | None = None,
     ) -> web.StreamResponse:
+        """`extra`: more headers (what a peer is told about where the blob comes from)."""
         rng = parse_range(request.headers.get("Range"), blob.size)
         start, end = (rng.start, rng.end + 1) if rng else (0, blob.size)
         headers = {
@@ -43,6 +49,7 @@ class BlobServer:
             "Accept-Ranges": "bytes",
             "ETag": f'"{digest}"',
             "X-Shoal-Source": blob.source.value,
+            **(extra or {}),
         }
         if rng is not None:
             headers["Content-Range"] = rng.content_range(blob.size)

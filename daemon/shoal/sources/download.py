@@ -24,6 +24,16 @@ import aiohttp
 
 from shoal import metrics
 from shoal.content.model import Delivery, SourceKind
+from shoal.herd.policy import Walk
+from shoal.herd.serving import (
+    LOOP_HEADER,
+    REATTACH_HEADER,
+    REFERRALS_HEADER,
+    UPSTREAM_HEADER,
+    Herd,
+    parse_referrals,
+    parse_upstream,
+)
 from shoal.oci.digest import Digest
 from shoal.registry.protocol import peer_url
 from shoal.routing.base import Peer
@@ -37,6 +47,15 @@ ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, OSError)
 
 class Stalled(ConnectionError):
     pass
+
+
+class Referred(Exception):
+    """The holder sends the blob to as many peers as it may: ask `peers` instead."""
+
+    def __init__(self, peers: list[Peer], loop: bool) -> None:
+        super().__init__("referred")
+        self.peers = peers
+        self.loop = loop
 
 
 @dataclass(frozen=True)
@@ -61,6 +80,9 @@ class Link(Protocol):
 
     @property
     def signer(self) -> RequestSigner: ...
+
+    @property
+    def herd(self) -> Herd | None: ...
 
 
 class RequestSigner(Protocol):
@@ -110,48 +132,81 @@ class PeerDownload:
         return self.url_path.replace("/manifests/", "/blobs/")
 
     async def open(self, start: int, end: int) -> AsyncIterator[bytes]:
-        """Bytes [start, end), resumed from the next holder with Range if one stalls or fails."""
+        """Bytes [start, end), resumed from the next holder with Range if one stalls or fails;
+        a holder that is full names others (`shoal.herd`): they are asked next."""
         pos = start
         self.contributors = []
         last_error: BaseException | None = None
-        for peer in self.peers:
-            if pos >= end:
-                return
-            try:
-                async for chunk in self._from(peer, pos, end):
-                    if not self.contributors or self.contributors[-1] != peer.id:
-                        self.contributors.append(peer.id)
-                    pos += len(chunk)
-                    yield chunk
-                if pos >= end:
-                    self.link.holders.answered(peer.id)
-                    return
-                raise ConnectionError(f"peer {peer.address} ended the body at {pos} of {end}")
-            except ERRORS as exc:
-                last_error = exc
-                self.link.holders.slow(peer.id)
-                metrics.HOLDERS_ABANDONED.labels(
-                    "silent" if isinstance(exc, Stalled) else "failed"
-                ).inc()
-                log.warning("peer %s failed at byte %d of %s: %s; trying the next",
-                            peer.address, pos, self.digest, exc)  # fmt: skip
+        herd = self.link.herd
+        walk = Walk([p.id for p in self.peers], herd.me() if herd is not None else "")
+        known = {p.id: p for p in self.peers}
+        try:
+            while pos < end:
+                peer_id = walk.next()
+                if peer_id is None:
+                    break
+                peer = known[peer_id]
+                try:
+                    async for chunk in self._from(peer, pos, end, walk.reattach):
+                        if not self.contributors or self.contributors[-1] != peer.id:
+                            self.contributors.append(peer.id)
+                        pos += len(chunk)
+                        yield chunk
+                    if pos >= end:
+                        self.link.holders.answered(peer.id)
+                        return
+                    raise ConnectionError(f"peer {peer.address} ended the body at {pos} of {end}")
+                except Referred as referred:
+                    if referred.loop:
+                        walk.failed(peer.id)
+                    known.update({p.id: p for p in referred.peers if p.id not in known})
+                    walk.referred(peer.id, [p.id for p in referred.peers])
+                    metrics.HERD_FOLLOWED.labels("referral").inc()
+                except ERRORS as exc:
+                    last_error = exc
+                    walk.failed(peer.id)
+                    self.link.holders.slow(peer.id)
+                    metrics.HOLDERS_ABANDONED.labels(
+                        "silent" if isinstance(exc, Stalled) else "failed"
+                    ).inc()
+                    log.warning("peer %s failed at byte %d of %s: %s; trying the next",
+                                peer.address, pos, self.digest, exc)  # fmt: skip
+        finally:
+            if herd is not None:
+                herd.received(str(self.digest))
         if pos < end:
             raise ConnectionError(f"no peer served {self.digest} past byte {pos}: {last_error}")
 
-    async def _from(self, peer: Peer, pos: int, end: int) -> AsyncIterator[bytes]:
-        """Bytes [pos, end) from `peer`, as they come; raises when it stalls or fails."""
-        headers = self.link.signer.headers("GET", self._blob_path, self.ns, self.fetch)
+    async def _from(
+        self, peer: Peer, pos: int, end: int, reattach: bool = False
+    ) -> AsyncIterator[bytes]:
+        """Bytes [pos, end) from `peer`, as they come; raises when it stalls or fails, and
+        `Referred` when it is full."""
+        # Only the designated fetcher is asked to fetch; the nodes it refers to relay.
+        fetch = self.fetch and peer.id == self.peers[0].id
+        headers = self.link.signer.headers("GET", self._blob_path, self.ns, fetch)
         if pos > 0 or end < self.size:
             headers["Range"] = f"bytes={pos}-{end - 1}"
+        if reattach:
+            headers[REATTACH_HEADER] = "1"
+            metrics.HERD_FOLLOWED.labels("reattach").inc()
         url = peer_url(peer.address, self._blob_path, self.ns)
         d = self.link.deadlines
-        async with asyncio.timeout(self.patience or d.header_timeout):
+        async with asyncio.timeout((self.patience if fetch else None) or d.header_timeout):
             resp = await self.link.session.get(url, headers=headers)
         try:
+            if resp.status == 429 and REFERRALS_HEADER in resp.headers:
+                raise Referred(
+                    parse_referrals(resp.headers.get(REFERRALS_HEADER)),
+                    resp.headers.get(LOOP_HEADER) == "1",
+                )
             if resp.status not in (200, 206) or (pos > 0 and resp.status != 206):
                 raise aiohttp.ClientResponseError(
                     resp.request_info, (), status=resp.status, message="peer refused"
                 )
+            if self.link.herd is not None:
+                upstream = parse_upstream(resp.headers.get(UPSTREAM_HEADER))
+                self.link.herd.receiving(str(self.digest), peer.id, upstream)
             while pos < end:
                 chunk = await self._next(resp, peer)
                 if not chunk:

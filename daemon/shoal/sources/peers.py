@@ -22,6 +22,7 @@ from typing import Protocol
 import aiohttp
 
 from shoal.content.model import READ_BUFSIZE, ContentKind, Descriptor, SourceKind
+from shoal.herd.serving import Herd
 from shoal.observe.middleware import note_peer
 from shoal.oci.digest import Digest
 from shoal.oci.errors import RegistryError
@@ -85,9 +86,12 @@ class PeerSource:
         holders: Holders | None = None,
         *,
         signer: RequestSigner,
+        herd: Herd | None = None,
     ) -> None:
+        """`herd`: this node's part in spreading a blob as a tree (None: no referrals)."""
         self.router = router
         self.signer = signer
+        self.herd = herd
         self.settings = settings or PeerSettings()
         self.holders = holders or Holders()
         self._session: aiohttp.ClientSession | None = None

@@ -36,6 +36,7 @@ from shoal.tenancy.tokens import (
 )
 
 ASKER_KEY = web.RequestKey("shoal.asker", Asker)
+SENDER_KEY = web.RequestKey("shoal.sender", str)  # the node ID a peer request was signed by
 _OPEN_PATHS = frozenset({P2P_INFO_PATH})
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -84,7 +85,9 @@ class Admission:
         if signature is not None:
             fetch = FETCH_HEADER in headers
             target = Target(request.method, request.path, ns, fetch)
-            check_signature(self._key().peer_requests, signature, target, self.clock())
+            sender = check_signature(self._key().peer_requests, signature, target, self.clock())
+            if sender != "-":
+                request[SENDER_KEY] = sender
             return Asker.FETCH if fetch else Asker.PEER
         capability = query.get(CAP_QUERY)
         if capability is not None:
@@ -124,3 +127,8 @@ def admitted(request: web.Request) -> Asker:
     if asker is None:
         raise RuntimeError("request was not admitted")  # the app always installs Admission
     return asker
+
+
+def sender_of(request: web.Request) -> str | None:
+    """The node that signed this request, if it is a peer's shoal (not containerd)."""
+    return request.get(SENDER_KEY)
