@@ -84,6 +84,10 @@ class Link(Protocol):
     @property
     def herd(self) -> Herd | None: ...
 
+    async def more_holders(self, digest: Digest) -> list[Peer]:
+        """Holders of `digest` routing names now (a fresh lookup)."""
+        ...
+
 
 class RequestSigner(Protocol):
     """How requests to peers prove cluster membership (shoal.tenancy.signer.PeerSigner)."""
@@ -140,9 +144,18 @@ class PeerDownload:
         herd = self.link.herd
         walk = Walk([p.id for p in self.peers], herd.me() if herd is not None else "")
         known = {p.id: p for p in self.peers}
+        looked = False
         try:
             while pos < end:
                 peer_id = walk.next()
+                if peer_id is None and not looked:
+                    # Every node known so far failed or was full: ask routing once more
+                    # (nodes receiving the blob advertise it, so a stranded node finds them).
+                    looked = True
+                    fresh = await self.link.more_holders(self.digest)
+                    known.update({p.id: p for p in fresh if p.id not in known})
+                    walk.add(p.id for p in fresh)
+                    peer_id = walk.next()
                 if peer_id is None:
                     break
                 peer = known[peer_id]

@@ -190,6 +190,10 @@ class PeerSource:
         order = [first, *(p for p in peers if p != first)]
         return PeerDownload(self, digest, order, path, ref.registry, size, fetch, patience)
 
+    async def more_holders(self, digest: Digest) -> list[Peer]:
+        key = str(digest)
+        return [p for p in await self._peers(key) if not self.holders.is_bad(key, p)]
+
     # -- helpers ---------------------------------------------------------------------------------
 
     def _missed(self, key: str) -> bool:
