@@ -31,7 +31,7 @@ MAX_REFERRALS = 8  # named in one answer
 MAX_UPSTREAM = 64  # ids of a blob's source chain kept and passed on
 
 
-@dataclass
+@dataclass(eq=False)  # by identity: two slots of one child for one blob are two streams
 class Slot:
     """One downstream stream of one blob, held while the response is sent."""
 
