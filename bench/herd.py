@@ -12,10 +12,12 @@ PullImage as the kubelet does:
           simultaneous pulls this host's cores allow (as bench/rollout.py's last row);
 - 1 node: one node alone through its shoal, its link and the registry's capped;
 - each design: all N nodes at once through their shoals, every link capped in both directions
-          (tbf on both ends of each veth), the registry's too. star: `--herd-fanout 0`, the
-          designated node streams each blob to every other node; tree: `--herd-fanout K`.
-          A daemon without `--herd-fanout` (before issue 15's daemon side) runs as star with
-          no flag, and tree is skipped.
+          (tbf on both ends of each veth), the registry's too. star: `--herd-fanout 0`, no
+          bound on the streams a node sends per blob (today's behaviour: a node asks the holders
+          the DHT names; the designated fetcher holds a blob first, so most streams hang off
+          it, and nodes relaying it are asked too once advertised); tree:
+          `--herd-fanout K`. A daemon without `--herd-fanout` (before issue 15's daemon side)
+          runs as star with no flag, and tree is skipped.
 Per design it prints the time until the last node finished (vs 1 node, vs the floor), the
 registry's blob bytes / image (its access log; its link's bytes next to it), and the bytes each
 node sent over its link / image: every packet it sent during the phase, blob bodies, ACKs of
