@@ -169,6 +169,11 @@ class Namespace:
         _run(["tc", "qdisc", "del", "dev", self.veth_host, "root"], check=False)
         self.exec(["tc", "qdisc", "del", "dev", self.veth_ns, "root"], check=False)
 
+    def sent_bytes(self) -> int:
+        """Bytes this namespace has sent over its link so far (every packet: bodies, headers,
+        ACKs): what the host end of its veth received, read without entering the namespace."""
+        return int(Path(f"/sys/class/net/{self.veth_host}/statistics/rx_bytes").read_text())
+
     def pids(self) -> list[int]:
         out = _run(["ip", "netns", "pids", self.name], check=False)
         return [int(p) for p in out.split()]

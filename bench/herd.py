@@ -1,0 +1,346 @@
+"""A herd on real links: N nodes pull one image at once and every link is a limit, the registry's
+too (issue 15: what a star costs the node that serves it, and what a tree of bounded fan-out
+does instead).
+
+    sudo .venv/bin/python bench/herd.py [--nodes 16] [--mib 56] [--layers 4] [--rate 200mbit]
+        [--designs star,tree] [--fanout 2] [--runs 1] [--warm-gib 4] [--shoal-arg=...]
+        [--containerd 2.3.7]      (or SHOAL_CONTAINERD=<version>; see tests/harness/runtime.py)
+
+Per run, each phase on fresh containerd stores and fresh shoals, nodes pulling through CRI
+PullImage as the kubelet does:
+- floor:  all N nodes straight from the registry with no link limit anywhere: the fastest N
+          simultaneous pulls this host's cores allow (as bench/rollout.py's last row);
+- 1 node: one node alone through its shoal, its link and the registry's capped;
+- each design: all N nodes at once through their shoals, every link capped in both directions
+          (tbf on both ends of each veth), the registry's too. star: `--herd-fanout 0`, no
+          bound on the streams a node sends per blob (today's behaviour: a node asks the holders
+          the DHT names; the designated fetcher holds a blob first, so most streams hang off
+          it, and nodes relaying it are asked too once advertised); tree:
+          `--herd-fanout K`. A daemon without `--herd-fanout` (before issue 15's daemon side)
+          runs as star with no flag, and tree is skipped.
+Per design it prints the time until the last node finished (vs 1 node, vs the floor), the
+registry's blob bytes / image (its access log; its link's bytes next to it), and the bytes each
+node sent over its link / image: every packet it sent during the phase, blob bodies, ACKs of
+what it received, DHT and HEADs alike (nothing subtracted), the most and which node, with that
+node's shoal's own count of body bytes sent to peers (shoal_bytes_to_peers_total). CPU seconds
+of the shoals and containerds, since all nodes share this host's cores.
+Goals (issue 15): registry <= 1.1x the image, no node sends > 3x, the last node done <= 1.5x the
+floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._measure import cpu_seconds, warm_memory
+from bench.rollout import fetch_all
+from tests.harness import images
+from tests.harness.cluster import Cluster, Node
+from tests.harness.netns import Namespace, Network
+from tests.harness.procs import stop_all
+from tests.harness.registry import Registry
+from tests.harness.runtime import ENV, PRIMARY, VERSIONS, choose
+from tests.harness.shoal import takes_flag
+
+GOAL_REGISTRY, GOAL_SENT, GOAL_FLOOR = 1.1, 3.0, 1.5
+
+
+def containerd_concurrency(node: Node) -> str:
+    """containerd's layer download concurrency as its effective config says
+    (`max_concurrent_downloads`: CRI's, and the transfer service's on 2.x)."""
+    cd = node.containerd
+    out = subprocess.run(
+        [cd.runtime.binary("containerd"), "--config", str(cd.config_path), "config", "dump"],
+        capture_output=True, text=True, env=cd.runtime.env(), check=False,
+    )  # fmt: skip
+    found = re.findall(r"max_concurrent_downloads\s*=\s*(\d+)", out.stdout)
+    return ", ".join(found) if found else "not in `containerd config dump`"
+
+
+@dataclass
+class Phase:
+    label: str
+    took: float
+    done: list[float]
+    registry: float  # blob bytes the registry sent / image (its access log)
+    registry_link: float  # bytes the registry's link carried out / image
+    fetched_by: dict[str, float]  # node -> registry blob bytes it got / image
+    sent: dict[str, float]  # node -> bytes its link carried out / image
+    to_peers: dict[str, float]  # node -> shoal_bytes_to_peers_total / image
+    cpu_shoal: float
+    cpu_containerd: float
+    peak_streams: int = 0  # the most GETs one node's shoal answered at once (1 node only)
+
+    def top(self) -> tuple[str, float]:
+        if not self.sent:
+            return "-", 0.0
+        name = max(self.sent, key=lambda n: self.sent[n])
+        return name, self.sent[name]
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    net: Network
+    base: Path
+    reg_ns: Namespace
+    registry: Registry
+    image: images.Image
+    ref: str
+    phases: int = 0
+    concurrency: str = ""
+    results: list[dict[str, Phase]] = field(default_factory=list)
+
+    def phase(self, label: str, count: int, *, herd_args: list[str] | None, capped: bool) -> Phase:
+        """`count` nodes pull at once; `herd_args` None: straight from the registry."""
+        self.phases += 1
+        rate = self.args.rate
+        if capped:
+            self.reg_ns.limit(rate, direction="both")
+        else:
+            self.reg_ns.unlimit()
+        via_shoal = herd_args is not None
+        shoal_args = ["--mirror-registries", self.registry.host, "--upstream-insecure",
+                      self.registry.host, *(herd_args or []), *self.args.shoal_arg]  # fmt: skip
+        cluster = Cluster(self.net, self.base / f"p{self.phases}", self.registry, shoal_args)
+        try:
+            for i in range(count):
+                node = cluster.add_node(f"h{self.phases}-{i}")
+                if capped:
+                    node.ns.limit(rate, direction="both")
+            if not self.concurrency:
+                self.concurrency = containerd_concurrency(cluster.nodes[0])
+            if via_shoal:
+                for node in cluster.nodes:
+                    cluster.start_shoal(node)
+                cluster.wait_connected()
+            else:
+                for node in cluster.nodes:
+                    node.containerd.write_hosts_toml(self.registry.host)
+            return self.measure(label, cluster, via_shoal)
+        finally:
+            for node in cluster.nodes:
+                node.ns.destroy()  # stops the node's containerd and shoal too
+            shutil.rmtree(cluster.base, ignore_errors=True)
+
+    def measure(self, label: str, cluster: Cluster, via_shoal: bool) -> Phase:
+        nodes = cluster.nodes
+        total = self.image.total_size
+
+        def cpu() -> tuple[float, float]:
+            shoal = sum(cpu_seconds(n.shoal.proc.pid) for n in nodes if n.shoal and n.shoal.proc)
+            ctrd = sum(cpu_seconds(n.containerd.proc.pid) for n in nodes if n.containerd.proc)
+            return shoal, ctrd
+
+        warm_memory(self.args.warm_gib)
+        peak = Peak(nodes[0]) if via_shoal and len(nodes) == 1 else None
+        mark, cpu0 = self.registry.mark(), cpu()
+        reg0 = self.reg_ns.sent_bytes()
+        sent0 = {n.ns.short_name: n.ns.sent_bytes() for n in nodes}
+        peers0 = {n.ns.short_name: to_peers(n) for n in nodes}
+        if peak:
+            peak.start()
+        done = fetch_all(nodes, self.ref, via_shoal, "cri")
+        # Counters first: the metric reads below cross the links too.
+        sent = {n.ns.short_name: (n.ns.sent_bytes() - sent0[n.ns.short_name]) / total
+                for n in nodes}  # fmt: skip
+        reg_link = (self.reg_ns.sent_bytes() - reg0) / total
+        if peak:
+            peak.stop()
+        cpu1 = cpu()
+        log = self.registry.access_log(mark)
+        by_ip = {n.ns.ip: n.ns.short_name for n in nodes}
+        fetched: dict[str, float] = {}
+        for r in log:
+            if r.method == "GET" and "/blobs/" in r.path:
+                name = by_ip.get(r.remote.rsplit(":", 1)[0], r.remote)
+                fetched[name] = fetched.get(name, 0.0) + r.size / total
+        phase = Phase(
+            label, done[-1], done, sum(fetched.values()), reg_link, fetched,
+            sent,
+            {n.ns.short_name: (to_peers(n) - peers0[n.ns.short_name]) / total for n in nodes},
+            cpu1[0] - cpu0[0], cpu1[1] - cpu0[1], peak.most if peak else 0,
+        )  # fmt: skip
+        self.report(phase)
+        return phase
+
+    def report(self, p: Phase) -> None:
+        name, most = p.top()
+        spread = " ".join(f"{v:.2f}" for v in sorted(p.sent.values(), reverse=True))
+        fetchers = ", ".join(f"{k} {v:.2f}x" for k, v in sorted(p.fetched_by.items()))
+        print(
+            f"  {p.label}: {p.took:.1f} s (nodes done at {' '.join(f'{t:.1f}' for t in p.done)});"
+            f" registry {p.registry:.2f}x (link {p.registry_link:.2f}x; to {fetchers});"
+            f" most sent {most:.2f}x by {name} (its shoal to peers "
+            f"{p.to_peers.get(name, 0.0):.2f}x); every node sent [{spread}];"
+            f" CPU s shoal {p.cpu_shoal:.1f}, containerd {p.cpu_containerd:.1f}"
+            + (f"; at most {p.peak_streams} GETs at once" if p.peak_streams else ""),
+            flush=True,
+        )
+
+
+def to_peers(node: Node) -> float:
+    return node.metric("shoal_bytes_to_peers_total") if node.shoal else 0.0
+
+
+class Peak:
+    """The most GET answers one shoal had under way at once (shoal_inflight_streams, sampled
+    every 50 ms): with one node alone, how many blobs its containerd fetches in parallel."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.most = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                self.most = max(self.most, int(self.node.metric("shoal_inflight_streams")))
+            except OSError:
+                pass
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=16)
+    parser.add_argument("--mib", type=int, default=56)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rate", default="200mbit", help="every link, both directions")
+    parser.add_argument("--designs", default="star,tree", help="comma-separated: star, tree")
+    parser.add_argument("--fanout", type=int, default=2, help="tree: --herd-fanout K")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument(
+        "--warm-gib", type=float, default=4.0,
+        help="GiB of memory written and freed before each phase (0: none; see bench/rollout.py)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shoal-arg", action="append", default=[],
+        help="extra `shoal run` argument, e.g. --shoal-arg=--herd-fanout=3",
+    )  # fmt: skip
+    parser.add_argument(
+        "--containerd", choices=VERSIONS, default=None,
+        help=f"containerd version (default ${ENV}, else {PRIMARY})",
+    )  # fmt: skip
+    args = parser.parse_args()
+    args.designs = [d.strip() for d in args.designs.split(",") if d.strip()]
+    unknown = set(args.designs) - {"star", "tree"}
+    if unknown:
+        parser.error(f"unknown designs {sorted(unknown)}")
+    return args
+
+
+def design_args(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The `shoal run` arguments of each design this daemon can run."""
+    if takes_flag("--herd-fanout"):
+        all_ = {"star": ["--herd-fanout", "0"], "tree": ["--herd-fanout", str(args.fanout)]}
+        return {d: all_[d] for d in args.designs}
+    print("this shoal has no --herd-fanout (issue 15's daemon side not merged): star is today's "
+          "code with no flag" + ("; tree SKIPPED" if "tree" in args.designs else ""))  # fmt: skip
+    return {"star": []} if "star" in args.designs else {}
+
+
+def label(design: str, args: argparse.Namespace) -> str:
+    return f"tree k={args.fanout}" if design == "tree" else design
+
+
+def main() -> int:
+    args = parse()
+    runtime = choose(args.containerd)
+    print(f"containerd {runtime.version} ({runtime.bin_dir})")
+    designs = design_args(args)
+    base = Path(tempfile.mkdtemp(prefix="shoal-herd-"))
+    net = Network("herd").create()
+    try:
+        reg_ns = net.add("reg")
+        registry = Registry(base / "registry", host_ip=reg_ns.ip, netns=reg_ns.name).start()
+        image = images.large_image(args.mib, layers=args.layers, seed=15, name="herd")
+        ref = images.push(image, registry, "herd/app", "v1")
+        bench = Bench(args, net, base, reg_ns, registry, image, ref)
+        for run in range(args.runs):
+            print(f"run {run + 1}/{args.runs}", flush=True)
+            n = args.nodes
+            phases = {
+                "floor": bench.phase(f"floor: {n} direct, no limit", n, herd_args=None,
+                                     capped=False),
+                "one": bench.phase("1 node, capped", 1, herd_args=designs.get("star", []),
+                                   capped=True),
+            }  # fmt: skip
+            for d, extra in designs.items():
+                phases[d] = bench.phase(f"{label(d, args)}, {n} nodes, capped", n,
+                                        herd_args=extra, capped=True)  # fmt: skip
+            bench.results.append(phases)
+    finally:
+        stop_all()
+        net.destroy()
+        shutil.rmtree(base, ignore_errors=True)  # GBs of containerd roots
+    summary(bench, designs)
+    return 0
+
+
+def span(values: list[float], fmt: str = "{:.2f}") -> str:
+    lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def summary(bench: Bench, designs: dict[str, list[str]]) -> None:
+    args, runs = bench.args, bench.results
+    print(
+        f"\n{args.mib} MiB image in {args.layers} layers, {args.nodes} nodes, every link "
+        f"{args.rate} both ways (the registry's too), {len(runs)} run(s), pulled by CRI, "
+        f"{args.warm_gib:g} GiB warmed before each phase"
+        + (f", shoal {' '.join(args.shoal_arg)}" if args.shoal_arg else "")
+    )
+    peaks = span([r["one"].peak_streams for r in runs], "{:.0f}")
+    print(f"containerd max_concurrent_downloads: {bench.concurrency}; "
+          f"one node alone had at most {peaks} blob GETs under way at once")  # fmt: skip
+    print(f"floor {span([r['floor'].took for r in runs], '{:.1f}')} s, "
+          f"1 node {span([r['one'].took for r in runs], '{:.1f}')} s")  # fmt: skip
+    print(f"{'design':14} {'time (s)':>10} {'vs 1 node':>10} {'vs floor':>10} "
+          f"{'registry/img':>13} {'max sent/img':>13} {'CPU s shoal':>12}")  # fmt: skip
+    goals = []
+    for d in designs:
+        took = [r[d].took for r in runs]
+        vs_one = [r[d].took / r["one"].took for r in runs]
+        vs_floor = [r[d].took / r["floor"].took for r in runs]
+        reg = [r[d].registry for r in runs]
+        tops = [r[d].top() for r in runs]
+        most = [t[1] for t in tops]
+        print(
+            f"{label(d, args):14} {span(took, '{:.1f}'):>10} {span(vs_one) + 'x':>10}"
+            f" {span(vs_floor) + 'x':>10} {span(reg) + 'x':>13} {span(most) + 'x':>13}"
+            f" {span([r[d].cpu_shoal for r in runs], '{:.1f}'):>12}"
+            f"   (most sent by {', '.join(t[0] for t in tops)})"
+        )
+        checks = [
+            (f"registry <= {GOAL_REGISTRY}x", max(reg), GOAL_REGISTRY),
+            (f"max sent <= {GOAL_SENT}x", max(most), GOAL_SENT),
+            (f"time <= {GOAL_FLOOR}x floor", max(vs_floor), GOAL_FLOOR),
+        ]
+        goals.append(f"  {label(d, args)}: " + "; ".join(
+            f"{name}: {v:.2f}x {'met' if v <= goal else 'MISSED'}" for name, v, goal in checks
+        ))  # fmt: skip
+    print("goals (issue 15) vs measured, worst run:", *goals, sep="\n")
+    if "tree" not in designs and "tree" in args.designs:
+        print("  tree: not run (this shoal has no --herd-fanout)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
