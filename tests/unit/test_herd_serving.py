@@ -131,3 +131,55 @@ async def test_a_relaying_node_that_dies_costs_its_downstream_a_reattach(cluster
     first.cancel()
     status, body, _ = await second
     assert status == 200 and body == LAYER
+
+
+async def test_a_node_between_sources_refuses_peers_so_they_do_not_wait_on_it(
+    cluster: Cluster,
+) -> None:
+    """Two stranded nodes that attached to each other would wait forever: while a node looks
+    for a new source of a blob, peers asking it for the blob (and probing it) are refused."""
+    store = SlowStore()
+    store.add(LAYER)
+    holder, router = await cluster.node("holder", store, fanout=2)
+    await router.advertise([str(DIGEST)])
+    from tests.fakes.signing import signer
+
+    herd = cluster.herds["holder"]
+    herd.detached(str(DIGEST))
+    for method in ("HEAD", "GET"):
+        marks = signer("someone").headers(method, PATH, None, False)
+        status, _, headers = await get(str(holder.make_url(PATH)), marks, method=method)
+        assert (status, headers.get("X-Shoal-Loop")) == (429, "1")
+    status, body, _ = await get(str(holder.make_url(PATH)))  # its own containerd is served
+    assert status == 200 and body == LAYER
+    herd.receiving(str(DIGEST), "elsewhere", ())
+    marks = signer("someone").headers("HEAD", PATH, None, False)
+    assert (await get(str(holder.make_url(PATH)), marks, method="HEAD"))[0] == 200
+
+
+def test_a_designated_fetcher_found_unreachable_is_passed_over_alike_everywhere() -> None:
+    from shoal.fetch.designate import Designation
+    from shoal.routing import Peer
+
+    peers = [Peer(f"n{i}", f"10.0.0.{i}:1") for i in range(6)]
+
+    class Members:
+        def __init__(self, me: Peer) -> None:
+            self.me = me
+
+        def members(self) -> list[Peer]:
+            return [p for p in peers if p != self.me]
+
+    now = [0.0]
+    views = [Designation(Members(p), lambda p=p: p, None, clock=lambda: now[0]) for p in peers]
+    first = {v.of(DIGEST) or v.me() for v in views}
+    assert len(first) == 1
+    dead = first.pop()
+    assert dead is not None
+    for view in views:
+        if view.me() != dead:
+            view.unreachable(dead)
+    second = {v.of(DIGEST) or v.me() for v in views if v.me() != dead}
+    assert len(second) == 1 and dead not in second  # one new fetcher, the same for all
+    now[0] += 31.0  # it may be back: asked again
+    assert {v.of(DIGEST) or v.me() for v in views if v.me() != dead} == {dead}

@@ -8,12 +8,15 @@ lately, the manifest's: one node then fetches the whole image in order (`imageor
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from shoal.fetch.imageorder import ImageParts, Images
 from shoal.oci.digest import Digest
 from shoal.routing.base import Peer
+
+DOWN_FOR = 30.0
 
 
 class Members(Protocol):
@@ -35,20 +38,34 @@ class Choice(NamedTuple):
 
 class Designation:
     def __init__(
-        self, router: Members, me: Callable[[], Peer | None], images: Images | None
+        self,
+        router: Members,
+        me: Callable[[], Peer | None],
+        images: Images | None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`me`: this node (None while routing has no identity: then it fetches for itself);
         `images`: what images blobs belong to, when images are fetched in order."""
         self.router = router
         self.me = me
         self.images = images
+        self.clock = clock
+        self._down: dict[str, float] = {}  # peer ID -> until: found unreachable, passed over
+
+    def unreachable(self, peer: Peer) -> None:
+        """`peer` did not answer as the designated fetcher: the next node in the same order
+        takes its place for DOWN_FOR seconds. Every node that finds it gone picks the same
+        one, so a dead fetcher costs the cluster one more fetch, not one per node."""
+        self._down[peer.id] = self.clock() + DOWN_FOR
 
     def of(self, key: Digest) -> Peer | None:
         """The node that fetches `key` for the cluster, or None when it is this one."""
         me = self.me()
         if me is None:
             return None
-        members = [p for p in self.router.members() if p.id != me.id]
+        now = self.clock()
+        self._down = {p: t for p, t in self._down.items() if t > now}
+        members = [p for p in self.router.members() if p.id != me.id and p.id not in self._down]
         chosen = designated(key, [me, *members])
         return None if chosen.id == me.id else chosen
 

@@ -39,6 +39,7 @@ class Herd:
         self.fanout = Fanout(fanout)
         self.min_size = min_size
         self._upstream: dict[str, tuple[str, ...]] = {}
+        self._detached: set[str] = set()  # blobs whose source was lost, another not yet found
 
     # -- the receiving side ------------------------------------------------------------------
 
@@ -46,9 +47,18 @@ class Herd:
         """This node now receives `digest` from `source`, which receives it through
         `its_upstream` (empty when it holds it or fetches it upstream)."""
         self._upstream[digest] = upstream_chain(source, tuple(its_upstream))
+        self._detached.discard(digest)
+
+    def detached(self, digest: str) -> None:
+        """This node lost its source of `digest` and looks for another: meanwhile it serves
+        the blob to no peer and answers their probes with a refusal, so nodes waiting on it
+        move on instead of waiting on a node that waits itself (two stranded nodes would
+        otherwise attach to each other and wait forever)."""
+        self._detached.add(digest)
 
     def received(self, digest: str) -> None:
         self._upstream.pop(digest, None)
+        self._detached.discard(digest)
 
     def upstream(self, digest: str) -> tuple[str, ...]:
         return self._upstream.get(digest, ())
@@ -60,7 +70,12 @@ class Herd:
     ) -> Slot | None:
         """A slot to send `digest` to the asker, or None when the asker is not one whose
         streams count (then it is served without one). Raises `Refer` when full."""
-        if sender is None or self.fanout.limit <= 0 or size < self.min_size:
+        if sender is None:
+            return None
+        if digest in self._detached:
+            metrics.HERD_REFUSED.labels("detached").inc()
+            raise Refer([], loop=True)
+        if request.method != "GET" or self.fanout.limit <= 0 or size < self.min_size:
             return None
         answer = self.fanout.ask(
             digest, sender,

@@ -104,12 +104,10 @@ class Registry:
         if who is Asker.CONTAINERD or self.herd is None:
             return await self.blobs.serve(request, blob, ref.digest, who)
         key = str(ref.digest)
-        slot = None
-        if request.method == "GET":
-            try:
-                slot = self.herd.admit(request, key, blob.size, sender_of(request))
-            except Refer as refer:
-                return refer.response()
+        try:
+            slot = self.herd.admit(request, key, blob.size, sender_of(request))
+        except Refer as refer:
+            return refer.response()
         try:
             return await self.blobs.serve(request, blob, ref.digest, who, self.herd.headers(key))
         finally:

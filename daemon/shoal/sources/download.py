@@ -178,6 +178,8 @@ class PeerDownload:
                 except ERRORS as exc:
                     last_error = exc
                     walk.failed(peer.id)
+                    if herd is not None:
+                        herd.detached(str(self.digest))
                     self.link.holders.slow(peer.id)
                     metrics.HOLDERS_ABANDONED.labels(
                         "silent" if isinstance(exc, Stalled) else "failed"

@@ -26,6 +26,8 @@ from shoal.upstream.allowlist import Endpoint
 
 log = logging.getLogger("shoal.fetcher")
 
+UNREACHABLE_TRIES = 3  # designated fetchers asked in turn before this node fetches itself
+
 
 class Upstream(Protocol):
     """What the fetcher asks of the upstream registries (shoal.upstream.UpstreamSource)."""
@@ -97,14 +99,20 @@ class UpstreamFetcher:
         elif chosen is not None and self.delegate:
             # Streamed straight through: spooling a second copy on every node cost more disk
             # and CPU than it saved (bench/rollout.py).
-            if image is not None:
-                await self._tell(chosen, ref, image)
-            try:
-                # Its miss is the cluster's: it asked upstream, and asking again here would
-                # wait on the same upstream (a hung one: its deadline) once more.
-                return await self.peers.fetch_at(chosen, ref, digest, "blob")
-            except PeerUnreachable:
-                log.info("designated fetcher %s of %s unreachable; fetching here", chosen, digest)
+            for _ in range(UNREACHABLE_TRIES):
+                if image is not None:
+                    await self._tell(chosen, ref, image)
+                try:
+                    # Its miss is the cluster's: it asked upstream, and asking again here would
+                    # wait on the same upstream (a hung one: its deadline) once more.
+                    return await self.peers.fetch_at(chosen, ref, digest, "blob")
+                except PeerUnreachable:
+                    log.info("designated fetcher %s of %s unreachable", chosen, digest)
+                    self.designation.unreachable(chosen)
+                next_choice = self.designation.for_blob(digest).node
+                if next_choice is None:
+                    break  # this node is next in line: it fetches
+                chosen = next_choice
         source = await self.upstream.find(ref, digest, kind)
         return None if source is None else await self.sharing.copy(digest, source)
 
