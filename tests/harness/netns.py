@@ -174,6 +174,10 @@ class Namespace:
         ACKs): what the host end of its veth received, read without entering the namespace."""
         return int(Path(f"/sys/class/net/{self.veth_host}/statistics/rx_bytes").read_text())
 
+    def received_bytes(self) -> int:
+        """Bytes this namespace has received over its link so far (every packet)."""
+        return int(Path(f"/sys/class/net/{self.veth_host}/statistics/tx_bytes").read_text())
+
     def pids(self) -> list[int]:
         out = _run(["ip", "netns", "pids", self.name], check=False)
         return [int(p) for p in out.split()]

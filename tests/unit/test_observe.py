@@ -165,7 +165,9 @@ class _Broken:
         return STREAMED
 
     async def open(self, start: int, end: int) -> AsyncIterator[bytes]:
-        yield LAYER[: len(LAYER) // 2]
+        # Two pieces: the first is sent (a failure before any byte is an error answer).
+        yield LAYER[: len(LAYER) // 4]
+        yield LAYER[len(LAYER) // 4 : len(LAYER) // 2]
         raise ConnectionError("disk went away")
 
 
@@ -334,3 +336,29 @@ async def test_timed_wrappers_observe_lookups_and_resolutions() -> None:
     before = count("shoal_resolve_duration_seconds_count", result="unknown")
     assert await TimedTags(Tags()).resolve(make_reference(NS, "team/app", "v1"), []) is None
     assert count("shoal_resolve_duration_seconds_count", result="unknown") == before + 1
+
+
+class _DeadAtOnce(_Broken):
+    async def open(self, start: int, end: int) -> AsyncIterator[bytes]:
+        raise ConnectionError("its peer went away")
+        yield b""
+
+
+class _DeadSource(_BrokenSource):
+    async def find(self, ref: object, digest: Digest, kind: str) -> _Broken:
+        return _DeadAtOnce()
+
+
+async def test_a_source_that_fails_before_its_first_byte_is_a_miss_not_a_broken_200() -> None:
+    """containerd fails a pull attempt on a body that breaks off, but tries its next host on
+    an error answer: nothing is answered until the first bytes are there."""
+    server = TestServer(make_app(SourceChain([_DeadSource()])))
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = server.make_url(f"/v2/team/app/blobs/{Digest.of(LAYER)}")
+            async with session.get(url) as resp:
+                assert resp.status == 404
+                assert (await resp.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+    finally:
+        await server.close()

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from aiohttp import web
 
@@ -26,6 +26,7 @@ from shoal.registry.transfer import PeerTransfer
 log = logging.getLogger("shoal.registry")
 
 WRITE_SLICE = 128 * 1024
+T = TypeVar("T")
 
 
 class BlobServer:
@@ -72,8 +73,11 @@ class BlobServer:
         except DigestMismatch as exc:
             # Bytes already sent cannot be taken back; cutting the connection keeps the
             # response incomplete, so containerd never commits them.
-            log.warning("digest mismatch, connection cut: %s", exc)
             metrics.VERIFY_FAILURES.labels(blob.source).inc()
+            if not resp.prepared:  # nothing sent yet: a miss sends containerd elsewhere
+                log.warning("digest mismatch before the first byte: %s", exc)
+                raise BlobUnknown("blob unusable here", {"digest": str(digest)}) from None
+            log.warning("digest mismatch, connection cut: %s", exc)
             _abort(request)
             return resp
         except Exception as exc:
@@ -104,13 +108,13 @@ class BlobServer:
         if delivery.growing_file is not None and transport is not None:
             await self._send_growing(request, resp, delivery.growing_file, start, end)
             return
-        await resp.prepare(request)
         # Only a blob that verifies as it streams (the spool) is sent as it comes.
-        chunks = (
+        chunks = await _first_then_rest(
             blob.open(start, end)
             if delivery.verified
             else verified_chunks(blob, digest, start, end)
         )
+        await resp.prepare(request)
         sent = 0
         async for chunk in chunks:
             sent += len(chunk)
@@ -138,8 +142,9 @@ class BlobServer:
         except FileNotFoundError:  # retired (containerd has it) or failed since it was found
             raise BlobUnknown("blob left the spool", {"digest": str(spooled.digest)}) from None
         with fobj:
+            regions = await _first_then_rest(spooled.regions(start, end))
             await resp.prepare(request)
-            await _sendfile(request, fobj, spooled.regions(start, end), end - start, "spool")
+            await _sendfile(request, fobj, regions, end - start, "spool")
         await resp.write_eof()
 
     async def _send_file(
@@ -181,6 +186,30 @@ async def _sendfile(
         sent += count
     if sent != expected:
         raise ConnectionError(f"{what} gave {sent} of {expected} bytes")
+
+
+async def _first_then_rest(items: AsyncIterator[T]) -> AsyncIterator[T]:
+    """`items` once its first has come. A blob still arriving (the spool, a peer) answers
+    nothing until its first bytes are here: when its source fails before that, the request
+    gets an error answer, on which containerd tries its next host, instead of a 200 whose body
+    breaks off, which fails containerd's pull attempt."""
+    source = aiter(items)
+    try:
+        first = await anext(source)
+    except StopAsyncIteration:
+        return _empty()
+
+    async def rest() -> AsyncIterator[T]:
+        yield first
+        async for item in source:
+            yield item
+
+    return rest()
+
+
+async def _empty() -> AsyncIterator[T]:
+    return
+    yield
 
 
 def _abort(request: web.Request) -> None:

@@ -88,6 +88,12 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
         # lets containerd try its next host.
         log.debug("containerd unavailable for %s %s: %s", request.method, request.path, exc)
         resp = error_response(_miss(request, "containerd is not answering"), request)
+    except (ConnectionError, TimeoutError) as exc:
+        # The blob's source (a peer, the spool's fetch) failed before its first byte: a miss
+        # sends containerd to its next host.
+        log.warning("%s %s: its source failed before the first byte: %s",
+                    request.method, request.path, exc)  # fmt: skip
+        resp = error_response(_miss(request, "the source failed; try the next host"), request)
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path_qs)
         resp = error_response(_miss(request, "internal error; see logs"), request)

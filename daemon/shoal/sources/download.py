@@ -64,6 +64,10 @@ class Deadlines:
     silence: float = 2.0  # a body silent this long gets its holder probed
     probe_timeout: float = 2.0  # a probe unanswered this long: the holder is abandoned
     max_silence: float = 300.0  # even a live holder silent this long is abandoned
+    # A holder that is not the designated fetcher waits on no registry: it has the blob or
+    # receives it from a peer. Silent this long, it waits on something that is not coming (a
+    # dead source further up, or nodes stranded together), and is abandoned.
+    relay_silence: float = 10.0
 
 
 class Link(Protocol):
@@ -223,7 +227,7 @@ class PeerDownload:
                 upstream = parse_upstream(resp.headers.get(UPSTREAM_HEADER))
                 self.link.herd.receiving(str(self.digest), peer.id, upstream)
             while pos < end:
-                chunk = await self._next(resp, peer)
+                chunk = await self._next(resp, peer, d.max_silence if fetch else d.relay_silence)
                 if not chunk:
                     return
                 chunk = chunk[: end - pos]
@@ -235,7 +239,7 @@ class PeerDownload:
             else:
                 resp.close()  # never reuse a connection whose body was not read to the end
 
-    async def _next(self, resp: aiohttp.ClientResponse, peer: Peer) -> bytes:
+    async def _next(self, resp: aiohttp.ClientResponse, peer: Peer, limit: float) -> bytes:
         """The next piece of the body (b"" at its end), waiting only while `peer` is alive."""
         d = self.link.deadlines
         read = asyncio.ensure_future(resp.content.read(CHUNK))
@@ -246,7 +250,7 @@ class PeerDownload:
                 if done:
                     return read.result()
                 silent += d.silence
-                if silent >= d.max_silence:
+                if silent >= limit:
                     raise Stalled(f"peer {peer.address} sent nothing for {silent:.0f}s")
                 if not await self._alive(peer):
                     raise Stalled(f"peer {peer.address} went silent and does not answer")
