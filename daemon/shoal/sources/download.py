@@ -64,10 +64,12 @@ class Deadlines:
     silence: float = 2.0  # a body silent this long gets its holder probed
     probe_timeout: float = 2.0  # a probe unanswered this long: the holder is abandoned
     max_silence: float = 300.0  # even a live holder silent this long is abandoned
-    # A holder that is not the designated fetcher waits on no registry: it has the blob or
-    # receives it from a peer. Silent this long, it waits on something that is not coming (a
-    # dead source further up, or nodes stranded together), and is abandoned.
-    relay_silence: float = 10.0
+    # A holder that is not the designated fetcher has the blob or receives it from a peer; one
+    # that lost its source refuses probes (shoal.herd), so its children leave at once. One
+    # that still answers may wait on a blob queued at the fetcher behind others (a layer of
+    # hundreds of MB takes seconds per hop), or, rarely, on nodes that attached to each other
+    # through a chain not yet updated: past this, the latter is assumed.
+    relay_silence: float = 120.0
 
 
 class Link(Protocol):
