@@ -190,19 +190,20 @@ class Daemon:
                 ungated_below=self.transfer.redirect_min,
             )
         self.ordered = ordered
-        images = None if ordered is None else ordered.images
-        designation = Designation(self.router, self._me, images)
+        designation = Designation(self.router, self._me, ordered.images if ordered else None)
 
         def fetcher(delegate: bool) -> UpstreamFetcher:
             return UpstreamFetcher(
                 upstream, sharing, designation, peers, delegate=delegate, ordered=ordered
             )
 
+        rescuer = fetcher(True)
+        peers.rescue = lambda ref, digest: rescuer.rescue(ref, digest, self.peers)
         chain = gated_chain(
             local=local,
             inflight=inflight,
             peers=peers,
-            fetch_for_containerd=fetcher(True),
+            fetch_for_containerd=rescuer,
             fetch_for_peers=fetcher(False),
             access=self.access,
             refused=self.refusals,

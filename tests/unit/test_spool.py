@@ -190,3 +190,50 @@ async def test_sendfile_regions_cover_the_range_and_hold_back_a_bad_end(tmp_path
 
 async def collect_regions(it: AsyncIterator[tuple[int, int]]) -> list[tuple[int, int]]:
     return [r async for r in it]
+
+
+class Breaks(Trickle):
+    """A source that fails after `at` bytes (its holder died), handing out the rest freely."""
+
+    def __init__(self, data: bytes, at: int, source: SourceKind = SourceKind.PEER) -> None:
+        super().__init__(data)
+        self.at = at
+        self.source = source  # type: ignore[misc]
+
+    async def open(self, start: int, end: int) -> AsyncIterator[bytes]:
+        self.opens += 1
+        pos = start
+        while pos < end:
+            if pos >= self.at:
+                raise ConnectionError("its holder went away")
+            stop = min(end, pos + self.chunk, self.at)
+            yield self.data[pos:stop]
+            pos = stop
+
+
+@pytest.mark.parametrize("rescued_data", ["good", "bad"])
+async def test_a_fetch_that_lost_its_source_continues_from_the_rescue_and_readers_never_notice(
+    tmp_path: Path, rescued_data: str
+) -> None:
+    """The herd's designated fetcher died mid-blob: the node's fetch continues from what the
+    rescue offers (the next fetcher, or upstream) from the byte it had, and the reader waiting
+    on it gets the whole blob. A rescue with wrong bytes still fails the whole blob."""
+    data = os.urandom(5 * 1024 * 1024)
+    spool = Spool(tmp_path / "spool", 1 << 30)
+    asked: list[int] = []
+
+    async def rescue(pos: int) -> Breaks:
+        asked.append(pos)
+        rest = data if rescued_data == "good" else bytes(b ^ 1 for b in data)
+        return Breaks(rest, len(data) + 1, SourceKind.UPSTREAM)
+
+    fetch = spool.start(Digest.of(data), Breaks(data, 3 * 1024 * 1024 + 7), rescue)
+    assert fetch is not None
+    if rescued_data == "good":
+        assert await collect(fetch.read(0, len(data))) == data
+        # From the bytes it had written (a batch not yet written is fetched again).
+        assert len(asked) == 1 and 0 < asked[0] <= 3 * 1024 * 1024 + 7
+    else:
+        with pytest.raises(FetchFailed):
+            await collect(fetch.read(0, len(data)))
+    await spool.close()

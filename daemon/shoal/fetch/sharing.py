@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Coroutine, Iterable
 from typing import Any, Protocol
 
 from shoal.content.model import Blob
-from shoal.fetch.spool import Fetch, Spool, SpoolBlob
+from shoal.fetch.spool import Fetch, Rescue, Spool, SpoolBlob
 from shoal.oci.digest import Digest
 from shoal.oci.names import Reference
 from shoal.routing.base import Peer
@@ -37,18 +37,19 @@ class SharedFetches:
         fetch = self.spool.get(digest)
         return None if fetch is None else SpoolBlob(fetch, fetch.origin)
 
-    async def copy(self, digest: Digest, blob: Blob) -> Blob:
-        """`blob`, read through the spool (or, when the spool is full, as it is)."""
-        fetch = self.start(digest, blob)
+    async def copy(self, digest: Digest, blob: Blob, rescue: Rescue | None = None) -> Blob:
+        """`blob`, read through the spool (or, when the spool is full, as it is); `rescue`
+        offers the rest when `blob` fails midway."""
+        fetch = self.start(digest, blob, rescue)
         if fetch is None:
             log.warning("spool full: %s streams from %s unshared", digest, blob.source)
             return blob
         return SpoolBlob(fetch, blob.source)
 
-    def start(self, digest: Digest, blob: Blob) -> Fetch | None:
+    def start(self, digest: Digest, blob: Blob, rescue: Rescue | None = None) -> Fetch | None:
         """The spool's Fetch of `digest` copying `blob`, advertised; None when the spool is full."""
         known = self.spool.get(digest)
-        fetch = self.spool.start(digest, blob)
+        fetch = self.spool.start(digest, blob, rescue)
         if fetch is None or fetch is known:
             return fetch
         if fetch.task is not None:

@@ -38,6 +38,12 @@ WRITE_BATCH = 1024 * 1024
 LINGER = 0.05
 
 
+MAX_RESCUES = 2
+
+# What a fetch that lost its source may continue from: a Blob readable from `pos` (or None).
+Rescue = Callable[[int], Awaitable[Blob | None]]
+
+
 class FetchFailed(ConnectionError):
     pass
 
@@ -62,20 +68,37 @@ class Fetch:
             path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
         )
 
-    async def run(self, source: Blob) -> None:
-        """Copies `source` into the file, hashing as it goes; wakes readers after each chunk."""
+    async def run(self, source: Blob, rescue: Rescue | None = None) -> None:
+        """Copies `source` into the file, hashing as it goes; wakes readers after each chunk.
+        A source that fails midway is replaced by what `rescue` offers for the rest (up to
+        MAX_RESCUES times): the readers waiting on this file, containerd among them, never
+        see the loss. The hash spans every source, so a bad prefix still fails the whole."""
         hashing = Hashing(self.digest)
         started: float | None = None
         fd = self._fd
         assert fd is not None, "a Fetch runs once"
+        rescues = 0
         try:
-            async for batch in _batched(source.open(0, self.size)):
-                started = started or time.monotonic()  # a queued source waits first
-                # One worker-thread hop writes and hashes: the event loop stays free.
-                await asyncio.to_thread(_write_all, fd, batch, self.written, hashing)
-                async with self._progress:
-                    self.written += len(batch)
-                    self._progress.notify_all()
+            while True:
+                try:
+                    async for batch in _batched(source.open(self.written, self.size)):
+                        started = started or time.monotonic()  # a queued source waits first
+                        # One worker-thread hop writes and hashes: the event loop stays free.
+                        await asyncio.to_thread(_write_all, fd, batch, self.written, hashing)
+                        async with self._progress:
+                            self.written += len(batch)
+                            self._progress.notify_all()
+                    break
+                except (ConnectionError, TimeoutError) as exc:
+                    if rescue is None or rescues >= MAX_RESCUES or self.written >= self.size:
+                        raise
+                    rescues += 1
+                    replacement = await rescue(self.written)
+                    if replacement is None:
+                        raise
+                    log.info("fetch of %s lost its source at byte %d (%s); continuing from %s",
+                             self.digest, self.written, exc, replacement.source)  # fmt: skip
+                    source = replacement
             if self.written != self.size or not hashing.matches(self.size):
                 reject(source)  # its origin learns it (a peer is not asked again)
                 raise FetchFailed(f"{self.digest}: {source.source} bytes did not match the digest")
@@ -264,7 +287,7 @@ class Spool:
             return None
         return fetch
 
-    def start(self, digest: Digest, source: Blob) -> Fetch | None:
+    def start(self, digest: Digest, source: Blob, rescue: Rescue | None = None) -> Fetch | None:
         """Joins the running Fetch of `digest`, or starts one; None when the spool is full."""
         existing = self.get(digest)
         if existing is not None:
@@ -275,12 +298,12 @@ class Spool:
         path = self.dir / f"{digest.algorithm}-{digest.hex}"
         fetch = Fetch(digest, source.size, path, source.source)
         self.fetches[digest] = fetch
-        fetch.task = asyncio.create_task(self._run(fetch, source), name=f"fetch {digest}")
+        fetch.task = asyncio.create_task(self._run(fetch, source, rescue), name=f"fetch {digest}")
         return fetch
 
-    async def _run(self, fetch: Fetch, source: Blob) -> None:
+    async def _run(self, fetch: Fetch, source: Blob, rescue: Rescue | None) -> None:
         try:
-            await fetch.run(source)
+            await fetch.run(source, rescue)
         except Exception:
             self.fetches.pop(fetch.digest, None)
             return

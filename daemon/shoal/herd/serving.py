@@ -15,6 +15,7 @@ from aiohttp import web
 from shoal import metrics
 from shoal.herd.policy import DEFAULT_FANOUT, Fanout, Slot, upstream_chain
 from shoal.oci.errors import error_body
+from shoal.registry.protocol import FETCH_HEADER
 from shoal.routing.base import Peer
 
 REFERRALS_HEADER = "X-Shoal-Referrals"  # "<id> <host:port>, ..." ask these instead
@@ -72,7 +73,7 @@ class Herd:
         streams count (then it is served without one). Raises `Refer` when full."""
         if sender is None:
             return None
-        if digest in self._detached:
+        if digest in self._detached and FETCH_HEADER not in request.headers:
             metrics.HERD_REFUSED.labels("detached").inc()
             raise Refer([], loop=True)
         if request.method != "GET" or self.fanout.limit <= 0 or size < self.min_size:

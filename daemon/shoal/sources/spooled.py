@@ -12,6 +12,7 @@ registry, and blobs containerd is redirected for (`--peer-transfer redirect`) ne
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from shoal.content.model import Blob, ContentKind, Descriptor, SourceKind
@@ -42,20 +43,31 @@ class SpooledPeers:
         self.peers = peers
         self.sharing = sharing
         self.transfer = transfer
+        # Where a peer download that lost every holder continues: the cluster's fetcher
+        # (`UpstreamFetcher.rescue`), set once it exists.
+        self.rescue: Callable[[Reference, Digest], Awaitable[Blob | None]] | None = None
 
     async def resolve(self, ref: Reference) -> Descriptor | None:
         return await self.peers.resolve(ref)
 
     async def find(self, ref: Reference, digest: Digest, kind: ContentKind) -> Blob | None:
-        return await self._through(digest, kind, await self.peers.find(ref, digest, kind))
+        return await self._through(ref, digest, kind, await self.peers.find(ref, digest, kind))
 
     async def fetch_at(
         self, peer: Peer, ref: Reference, digest: Digest, kind: ContentKind
     ) -> Blob | None:
         """From the node chosen to fetch `digest` for the cluster, through the spool too."""
-        return await self._through(digest, kind, await self.peers.fetch_at(peer, ref, digest, kind))
+        blob = await self.peers.fetch_at(peer, ref, digest, kind)
+        return await self._through(ref, digest, kind, blob)
 
-    async def _through(self, digest: Digest, kind: ContentKind, blob: Blob | None) -> Blob | None:
+    async def _through(
+        self, ref: Reference, digest: Digest, kind: ContentKind, blob: Blob | None
+    ) -> Blob | None:
         if blob is None or kind != "blob" or self.transfer.redirects(blob.size, Asker.CONTAINERD):
             return blob
-        return await self.sharing.copy(digest, blob)
+        rescue = self.rescue
+
+        async def rest(pos: int) -> Blob | None:
+            return None if rescue is None else await rescue(ref, digest)
+
+        return await self.sharing.copy(digest, blob, rest)

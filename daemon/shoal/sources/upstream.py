@@ -116,6 +116,24 @@ class UpstreamFetcher:
         source = await self.upstream.find(ref, digest, kind)
         return None if source is None else await self.sharing.copy(digest, source)
 
+    async def rescue(self, ref: Reference, digest: Digest, peers: FetchingPeer) -> Blob | None:
+        """The rest of a blob whose peer download lost every holder (its fetcher died, say):
+        from the designated fetcher (the next in line when it is gone), or upstream when
+        that is this node. Never this node's own running fetch, which is what is rescued:
+        `peers` asks without the spool."""
+        if self.upstream.endpoint(ref.registry) is None:
+            return None
+        chosen = self.designation.for_blob(digest).node
+        for _ in range(UNREACHABLE_TRIES):
+            if chosen is None:
+                break
+            try:
+                return await peers.fetch_at(chosen, ref, digest, "blob")
+            except PeerUnreachable:
+                self.designation.unreachable(chosen)
+            chosen = self.designation.for_blob(digest).node
+        return await self.upstream.find(ref, digest, "blob")
+
     async def _manifest(self, ref: Reference, digest: Digest) -> Blob | None:
         """A manifest from upstream. An image manifest is remembered, and its blobs are from
         now on fetched in order: here, or by the designated node, which is told at once."""
