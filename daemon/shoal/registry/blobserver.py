@@ -69,7 +69,7 @@ class BlobServer:
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = end - start
         try:
-            await self._send(request, resp, blob, delivery, digest, start, end)
+            await self._send(request, resp, blob, delivery, digest, start, end, asker)
         except DigestMismatch as exc:
             # Bytes already sent cannot be taken back; cutting the connection keeps the
             # response incomplete, so containerd never commits them.
@@ -100,19 +100,25 @@ class BlobServer:
         digest: Digest,
         start: int,
         end: int,
+        asker: Asker,
     ) -> None:
+        # containerd gets nothing until the first bytes are here (see _first_then_rest); a
+        # peer gets its headers at once: it waits on a relay only as long as its header
+        # deadline, and resumes elsewhere from a body that breaks off.
+        wait = asker is Asker.CONTAINERD
         local, transport = delivery.local_file, request.transport
         if local is not None and transport is not None:
             await self._send_file(request, resp, local, blob.size, start, end)
             return
         if delivery.growing_file is not None and transport is not None:
-            await self._send_growing(request, resp, delivery.growing_file, start, end)
+            await self._send_growing(request, resp, delivery.growing_file, start, end, wait)
             return
         # Only a blob that verifies as it streams (the spool) is sent as it comes.
         chunks = await _first_then_rest(
             blob.open(start, end)
             if delivery.verified
-            else verified_chunks(blob, digest, start, end)
+            else verified_chunks(blob, digest, start, end),
+            wait,
         )
         await resp.prepare(request)
         sent = 0
@@ -134,6 +140,7 @@ class BlobServer:
         spooled: GrowingFile,
         start: int,
         end: int,
+        wait: bool,
     ) -> None:
         """A spooled blob goes out by sendfile() as it lands on disk: the kernel copies, and
         the spool holds back the last piece until the digest matched."""
@@ -142,7 +149,7 @@ class BlobServer:
         except FileNotFoundError:  # retired (containerd has it) or failed since it was found
             raise BlobUnknown("blob left the spool", {"digest": str(spooled.digest)}) from None
         with fobj:
-            regions = await _first_then_rest(spooled.regions(start, end))
+            regions = await _first_then_rest(spooled.regions(start, end), wait)
             await resp.prepare(request)
             await _sendfile(request, fobj, regions, end - start, "spool")
         await resp.write_eof()
@@ -188,11 +195,13 @@ async def _sendfile(
         raise ConnectionError(f"{what} gave {sent} of {expected} bytes")
 
 
-async def _first_then_rest(items: AsyncIterator[T]) -> AsyncIterator[T]:
+async def _first_then_rest(items: AsyncIterator[T], wait: bool = True) -> AsyncIterator[T]:
     """`items` once its first has come. A blob still arriving (the spool, a peer) answers
     nothing until its first bytes are here: when its source fails before that, the request
     gets an error answer, on which containerd tries its next host, instead of a 200 whose body
     breaks off, which fails containerd's pull attempt."""
+    if not wait:
+        return items
     source = aiter(items)
     try:
         first = await anext(source)
