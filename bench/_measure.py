@@ -3,6 +3,7 @@ processes of this host, each in a network namespace only)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -36,3 +37,22 @@ def warm_memory(gib: float) -> None:
     if gib > 0:
         code = f"b = bytearray(b'w') * {int(gib * (1 << 30))}"
         subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def node_arguments(parser: argparse.ArgumentParser, shoal_example: str) -> None:
+    """The options every multi-node bench takes: memory warming, extra `shoal run` arguments
+    (`shoal_example` shows one), the containerd version."""
+    from tests.harness.runtime import ENV, PRIMARY, VERSIONS
+
+    parser.add_argument(
+        "--warm-gib", type=float, default=4.0,
+        help="GiB of memory written and freed before each run or phase (0: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shoal-arg", action="append", default=[],
+        help=f"extra `shoal run` argument, e.g. --shoal-arg={shoal_example}",
+    )  # fmt: skip
+    parser.add_argument(
+        "--containerd", choices=VERSIONS, default=None,
+        help=f"containerd version (default ${ENV}, else {PRIMARY})",
+    )  # fmt: skip

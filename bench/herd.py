@@ -42,14 +42,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._measure import cpu_seconds, warm_memory
+from bench._measure import cpu_seconds, node_arguments, warm_memory
 from bench.rollout import fetch_all
 from tests.harness import images
 from tests.harness.cluster import Cluster, Node
 from tests.harness.netns import Namespace, Network
 from tests.harness.procs import stop_all
 from tests.harness.registry import Registry
-from tests.harness.runtime import ENV, PRIMARY, VERSIONS, choose
+from tests.harness.runtime import choose
 from tests.harness.shoal import takes_flag
 
 GOAL_REGISTRY, GOAL_SENT, GOAL_FLOOR = 1.1, 3.0, 1.5
@@ -227,18 +227,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--designs", default="star,tree", help="comma-separated: star, tree")
     parser.add_argument("--fanout", type=int, default=2, help="tree: --herd-fanout K")
     parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument(
-        "--warm-gib", type=float, default=4.0,
-        help="GiB of memory written and freed before each phase (0: none; see bench/rollout.py)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--shoal-arg", action="append", default=[],
-        help="extra `shoal run` argument, e.g. --shoal-arg=--herd-fanout=3",
-    )  # fmt: skip
-    parser.add_argument(
-        "--containerd", choices=VERSIONS, default=None,
-        help=f"containerd version (default ${ENV}, else {PRIMARY})",
-    )  # fmt: skip
+    node_arguments(parser, "--herd-fanout=3")
     args = parser.parse_args()
     args.designs = [d.strip() for d in args.designs.split(",") if d.strip()]
     unknown = set(args.designs) - {"star", "tree"}

@@ -37,14 +37,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._measure import cpu_seconds, warm_memory
+from bench._measure import cpu_seconds, node_arguments, warm_memory
 from tests.harness import images
 from tests.harness.cluster import Cluster, Node
 from tests.harness.cri import cri_pull
 from tests.harness.netns import Network
 from tests.harness.procs import HarnessError, stop_all
 from tests.harness.registry import Registry
-from tests.harness.runtime import ENV, PRIMARY, VERSIONS, choose
+from tests.harness.runtime import choose
 
 
 def fetch_all(nodes: list[Node], ref: str, via_shoal: bool, client: str) -> list[float]:
@@ -93,18 +93,7 @@ def main() -> int:
         "ctr: `ctr content fetch` (the ctr process fetches, no unpack)",
     )  # fmt: skip
     parser.add_argument("--peer-transfer", choices=("relay", "redirect"), default="relay")
-    parser.add_argument(
-        "--warm-gib", type=float, default=4.0,
-        help="GiB of memory written and freed before each run (0: none)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--shoal-arg", action="append", default=[],
-        help="extra `shoal run` argument, e.g. --shoal-arg=--ordered-streams=0",
-    )  # fmt: skip
-    parser.add_argument(
-        "--containerd", choices=VERSIONS, default=None,
-        help=f"containerd version (default ${ENV}, else {PRIMARY})",
-    )  # fmt: skip
+    node_arguments(parser, "--ordered-streams=0")
     args = parser.parse_args()
     runtime = choose(args.containerd)
     print(f"containerd {runtime.version} ({runtime.bin_dir})")
