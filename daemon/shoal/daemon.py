@@ -198,7 +198,7 @@ class Daemon:
             )
 
         rescuer = fetcher(True)
-        peers.rescue = lambda ref, digest: rescuer.rescue(ref, digest, self.peers)
+        peers.rescue = lambda ref, digest: rescuer.rescue(ref, digest, self.peers, self.herd)
         chain = gated_chain(
             local=local,
             inflight=inflight,

@@ -8,6 +8,7 @@ a refusal would send containerd to the registry. Blobs under `min_size` are neve
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 from aiohttp import web
@@ -23,6 +24,7 @@ UPSTREAM_HEADER = "X-Shoal-Upstream"  # "<id> <id> ..." the nodes the blob comes
 REATTACH_HEADER = "X-Shoal-Reattach"  # the asker found every node full: a spare slot
 LOOP_HEADER = "X-Shoal-Loop"  # refused: the asker is one of this node's sources for the blob
 MIN_SIZE = 1024 * 1024
+DETACHED_FOR = 30.0  # at most this long between sources before peers are served again
 
 
 class Herd:
@@ -40,7 +42,8 @@ class Herd:
         self.fanout = Fanout(fanout)
         self.min_size = min_size
         self._upstream: dict[str, tuple[str, ...]] = {}
-        self._detached: set[str] = set()  # blobs whose source was lost, another not yet found
+        # Blobs whose source was lost, another not yet found: digest -> since (monotonic).
+        self._detached: dict[str, float] = {}
 
     # -- the receiving side ------------------------------------------------------------------
 
@@ -48,18 +51,28 @@ class Herd:
         """This node now receives `digest` from `source`, which receives it through
         `its_upstream` (empty when it holds it or fetches it upstream)."""
         self._upstream[digest] = upstream_chain(source, tuple(its_upstream))
-        self._detached.discard(digest)
+        self._detached.pop(digest, None)
 
     def detached(self, digest: str) -> None:
         """This node lost its source of `digest` and looks for another: meanwhile it serves
         the blob to no peer and answers their probes with a refusal, so nodes waiting on it
         move on instead of waiting on a node that waits itself (two stranded nodes would
         otherwise attach to each other and wait forever)."""
-        self._detached.add(digest)
+        self._detached[digest] = time.monotonic()
 
     def received(self, digest: str) -> None:
+        """Done with peers for `digest`: it arrived, or this node now fetches it upstream."""
         self._upstream.pop(digest, None)
-        self._detached.discard(digest)
+        self._detached.pop(digest, None)
+
+    def is_detached(self, digest: str) -> bool:
+        since = self._detached.get(digest)
+        if since is None:
+            return False
+        if time.monotonic() - since > DETACHED_FOR:  # a rescue that never reported back
+            del self._detached[digest]
+            return False
+        return True
 
     def upstream(self, digest: str) -> tuple[str, ...]:
         return self._upstream.get(digest, ())
@@ -73,7 +86,7 @@ class Herd:
         streams count (then it is served without one). Raises `Refer` when full."""
         if sender is None:
             return None
-        if digest in self._detached and FETCH_HEADER not in request.headers:
+        if FETCH_HEADER not in request.headers and self.is_detached(digest):
             metrics.HERD_REFUSED.labels("detached").inc()
             raise Refer([], loop=True)
         if request.method != "GET" or self.fanout.limit <= 0 or size < self.min_size:

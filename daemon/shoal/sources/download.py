@@ -193,7 +193,9 @@ class PeerDownload:
                     log.warning("peer %s failed at byte %d of %s: %s; trying the next",
                                 peer.address, pos, self.digest, exc)  # fmt: skip
         finally:
-            if herd is not None:
+            # Cut short, the node stays between sources (it refuses peers) until its fetch
+            # found the rest (shoal.herd: the rescue) or gave up.
+            if herd is not None and pos >= end:
                 herd.received(str(self.digest))
         if pos < end:
             raise ConnectionError(f"no peer served {self.digest} past byte {pos}: {last_error}")

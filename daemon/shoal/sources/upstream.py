@@ -18,6 +18,7 @@ from shoal.content.model import Blob, ContentKind, Descriptor, SourceKind
 from shoal.fetch.designate import Designation
 from shoal.fetch.imageorder import ImageParts, OrderedFetches
 from shoal.fetch.sharing import SharedFetches
+from shoal.herd.serving import Herd
 from shoal.oci.digest import Digest
 from shoal.oci.names import Reference
 from shoal.routing.base import Peer
@@ -116,7 +117,9 @@ class UpstreamFetcher:
         source = await self.upstream.find(ref, digest, kind)
         return None if source is None else await self.sharing.copy(digest, source)
 
-    async def rescue(self, ref: Reference, digest: Digest, peers: FetchingPeer) -> Blob | None:
+    async def rescue(
+        self, ref: Reference, digest: Digest, peers: FetchingPeer, herd: Herd | None = None
+    ) -> Blob | None:
         """The rest of a blob whose peer download lost every holder (its fetcher died, say):
         from the designated fetcher (the next in line when it is gone), or upstream when
         that is this node. Never this node's own running fetch, which is what is rescued:
@@ -132,7 +135,10 @@ class UpstreamFetcher:
             except PeerUnreachable:
                 self.designation.unreachable(chosen)
             chosen = self.designation.for_blob(digest).node
-        return await self.upstream.find(ref, digest, "blob")
+        blob = await self.upstream.find(ref, digest, "blob")
+        if herd is not None:
+            herd.received(str(digest))  # fed by the registry now: it serves peers again
+        return blob
 
     async def _manifest(self, ref: Reference, digest: Digest) -> Blob | None:
         """A manifest from upstream. An image manifest is remembered, and its blobs are from
