@@ -227,13 +227,17 @@ class PeerDownload:
                 raise aiohttp.ClientResponseError(
                     resp.request_info, (), status=resp.status, message="peer refused"
                 )
-            if self.link.herd is not None:
-                upstream = parse_upstream(resp.headers.get(UPSTREAM_HEADER))
-                self.link.herd.receiving(str(self.digest), peer.id, upstream)
+            herd, first = self.link.herd, True
             while pos < end:
                 chunk = await self._next(resp, peer, d.max_silence if fetch else d.relay_silence)
                 if not chunk:
                     return
+                if first and herd is not None:
+                    # Attached once bytes flow, not on headers: nodes stranded together answer
+                    # each other's headers at once, and would otherwise wait on each other.
+                    first = False
+                    upstream = parse_upstream(resp.headers.get(UPSTREAM_HEADER))
+                    herd.receiving(str(self.digest), peer.id, upstream)
                 chunk = chunk[: end - pos]
                 pos += len(chunk)
                 yield chunk
