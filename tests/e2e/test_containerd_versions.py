@@ -198,25 +198,36 @@ def test_committed_layer_is_found_by_a_peer_while_the_pull_goes_on(
         cluster.start_shoal(node)
     cluster.wait_connected()
 
+    # A trial whose first layer happens to be committed less than a second before the pull
+    # ends (the host busy) cannot show the lookup: it is run again, with the image removed.
     result: dict[str, subprocess.CompletedProcess[str]] = {}
-    puller = threading.Thread(target=lambda: result.update(r=a.containerd.pull(ref)))
-    layers = [layer.digest for layer in image.layers]
-    committed: dict[str, float] = {}
-    found: dict[str, float] = {}
-    puller.start()
-    while puller.is_alive():
-        for digest in layers:
-            if digest not in committed and a.containerd.has_blob(digest):
-                # Its last byte was written just before the commit: the mtime bounds it.
-                committed[digest] = a.containerd.blob_path(digest).stat().st_mtime
-        for digest in list(committed):
-            if digest not in found and a.ns.ip in b.providers(digest):
-                found[digest] = time.time()
-        time.sleep(0.05)
-    ended = time.time()
-    puller.join()
-    assert result["r"].returncode == 0
-    first = min(committed, key=committed.__getitem__)
+    for trial in range(3):
+        if trial:
+            a.containerd.remove_all()
+            time.sleep(2.0)  # its withdrawal reaches the DHT before the next pull
+        result.clear()
+        puller = threading.Thread(target=lambda: result.update(r=a.containerd.pull(ref)))
+        layers = [layer.digest for layer in image.layers]
+        committed: dict[str, float] = {}
+        found: dict[str, float] = {}
+        puller.start()
+        while puller.is_alive():
+            for digest in layers:
+                if digest not in committed and a.containerd.has_blob(digest):
+                    # Its last byte was written just before the commit: the mtime bounds it.
+                    committed[digest] = a.containerd.blob_path(digest).stat().st_mtime
+            for digest in list(committed):
+                if digest not in found and a.ns.ip in b.providers(digest):
+                    found[digest] = time.time()
+            time.sleep(0.05)
+        ended = time.time()
+        puller.join()
+        assert result["r"].returncode == 0
+        first = min(committed, key=committed.__getitem__)
+        if first in found or ended - committed[first] >= 1.0:
+            break
+        print(f"trial {trial}: the first layer was committed only "
+              f"{ended - committed[first]:.1f}s before the pull ended; again")  # fmt: skip
     assert first in found and found[first] < ended, (
         f"layer {first} was committed {ended - committed[first]:.1f}s before the pull ended, "
         "but node B's lookup did not find node A"
