@@ -16,8 +16,7 @@ PullImage as the kubelet does:
           bound on the streams a node sends per blob (today's behaviour: a node asks the holders
           the DHT names; the designated fetcher holds a blob first, so most streams hang off
           it, and nodes relaying it are asked too once advertised); tree:
-          `--herd-fanout K`. A daemon without `--herd-fanout` (before issue 15's daemon side)
-          runs as star with no flag, and tree is skipped.
+          `--herd-fanout K`.
 Per design it prints the time until the last node finished (vs 1 node, vs the floor), the
 registry's blob bytes / image (its access log; its link's bytes next to it), and the bytes each
 node sent over its link / image: every packet it sent during the phase, blob bodies, ACKs of
@@ -50,7 +49,6 @@ from tests.harness.netns import Namespace, Network
 from tests.harness.procs import stop_all
 from tests.harness.registry import Registry
 from tests.harness.runtime import choose
-from tests.harness.shoal import takes_flag
 
 GOAL_REGISTRY, GOAL_SENT, GOAL_FLOOR = 1.1, 3.0, 1.5
 
@@ -237,13 +235,9 @@ def parse() -> argparse.Namespace:
 
 
 def design_args(args: argparse.Namespace) -> dict[str, list[str]]:
-    """The `shoal run` arguments of each design this daemon can run."""
-    if takes_flag("--herd-fanout"):
-        all_ = {"star": ["--herd-fanout", "0"], "tree": ["--herd-fanout", str(args.fanout)]}
-        return {d: all_[d] for d in args.designs}
-    print("this shoal has no --herd-fanout (issue 15's daemon side not merged): star is today's "
-          "code with no flag" + ("; tree SKIPPED" if "tree" in args.designs else ""))  # fmt: skip
-    return {"star": []} if "star" in args.designs else {}
+    """The `shoal run` arguments of each design asked for."""
+    all_ = {"star": ["--herd-fanout", "0"], "tree": ["--herd-fanout", str(args.fanout)]}
+    return {d: all_[d] for d in args.designs}
 
 
 def label(design: str, args: argparse.Namespace) -> str:
@@ -327,8 +321,6 @@ def summary(bench: Bench, designs: dict[str, list[str]]) -> None:
             f"{name}: {v:.2f}x {'met' if v <= goal else 'MISSED'}" for name, v, goal in checks
         ))  # fmt: skip
     print("goals (issue 15) vs measured, worst run:", *goals, sep="\n")
-    if "tree" not in designs and "tree" in args.designs:
-        print("  tree: not run (this shoal has no --herd-fanout)")
 
 
 if __name__ == "__main__":

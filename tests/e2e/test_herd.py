@@ -4,7 +4,7 @@ with the right bytes and no failed attempt, and the registry sends at most 2x th
 `SHOAL_HERD_NODES` nodes (default 8; 16 for the issue's size) and a registry, each in its own
 network namespace with its link capped at 200 Mbit/s in both directions, pull one 4-layer image
 at once through CRI `PullImage` (up to 3 attempts 1 s apart, as a kubelet), their shoals
-running with `--herd-fanout 2` (`SHOAL_HERD_FANOUT=K`; `none` runs today's star, no flag, for
+running with `--herd-fanout 2` (`SHOAL_HERD_FANOUT=K`; `0` runs the star, no bound, for
 comparison). Mid-rollout, the node whose shoal serves the most peer streams (its
 `shoal_herd_streams` gauge; the fastest sender over its link when no node exports it) has its
 shoal SIGKILLed, once that node has received half the image itself. Its own containerd moves
@@ -35,14 +35,13 @@ from tests.harness.cluster import Cluster, Node
 from tests.harness.netns import Namespace, Network
 from tests.harness.procs import stop_all
 from tests.harness.registry import Registry
-from tests.harness.shoal import takes_flag
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.slow]
 
 NODES = int(os.environ.get("SHOAL_HERD_NODES", "8"))
 MIB = int(os.environ.get("SHOAL_HERD_MIB", "64"))
 RATE = "200mbit"
-# "none": today's star, no flag passed (a comparison the issue's goal does not apply to).
+# "0": the star, no bound (a comparison the issue's goal does not apply to).
 FANOUT = os.environ.get("SHOAL_HERD_FANOUT", "2")
 GAUGE = "shoal_herd_streams"
 MIDWAY = 0.5  # the victim has received this much of the image: its own pull half done
@@ -65,9 +64,6 @@ def herd(tmp: Path) -> Iterator[Herd]:
     require_netns()
     require_containerd()
     require_binaries("docker-registry", "skopeo")
-    if FANOUT != "none" and not takes_flag("--herd-fanout"):
-        pytest.skip("`shoal run` has no --herd-fanout yet (issue 15's daemon side): a star has "
-                    "no tree to lose a branch of")  # fmt: skip
     net = Network("herd").create()
     try:
         reg_ns = net.add("reg")
@@ -76,7 +72,7 @@ def herd(tmp: Path) -> Iterator[Herd]:
         ref = images.push(image, registry, "herd/app", "v1")
         reg_ns.limit(RATE, direction="both")
         host = registry.host
-        herd_args = [] if FANOUT == "none" else ["--herd-fanout", FANOUT]
+        herd_args = ["--herd-fanout", FANOUT]
         cluster = Cluster(net, tmp, registry, shoal_args=[
             "--mirror-registries", host, "--upstream-insecure", host, *herd_args])  # fmt: skip
         for i in range(NODES):

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import re
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -14,14 +11,6 @@ from tests.harness.containerd import ContainerdNode
 from tests.harness.procs import Proc, free_port, start, tcp_open, wait_for
 
 SHOAL = [sys.executable, "-m", "shoal.cli"]
-
-
-@functools.cache
-def takes_flag(flag: str) -> bool:
-    """Whether this checkout's `shoal run` lists `flag` in its help (a daemon feature that
-    another branch adds: its tests and benches skip or adapt until it is there)."""
-    out = subprocess.run([*SHOAL, "run", "--help"], capture_output=True, text=True, check=True)
-    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", out.stdout) is not None
 
 
 class ShoalDaemon:
