@@ -100,20 +100,11 @@ class UpstreamFetcher:
         elif chosen is not None and self.delegate:
             # Streamed straight through: spooling a second copy on every node cost more disk
             # and CPU than it saved (bench/rollout.py).
-            for _ in range(UNREACHABLE_TRIES):
-                if image is not None:
-                    await self._tell(chosen, ref, image)
-                try:
-                    # Its miss is the cluster's: it asked upstream, and asking again here would
-                    # wait on the same upstream (a hung one: its deadline) once more.
-                    return await self.peers.fetch_at(chosen, ref, digest, "blob")
-                except PeerUnreachable:
-                    log.info("designated fetcher %s of %s unreachable", chosen, digest)
-                    self.designation.unreachable(chosen)
-                next_choice = self.designation.for_blob(digest).node
-                if next_choice is None:
-                    break  # this node is next in line: it fetches
-                chosen = next_choice
+            answered, blob = await self._from_fetcher(chosen, ref, digest, self.peers, image)
+            if answered:
+                # Its miss is the cluster's: it asked upstream, and asking again here would
+                # wait on the same upstream (a hung one: its deadline) once more.
+                return blob
         source = await self.upstream.find(ref, digest, kind)
         return None if source is None else await self.sharing.copy(digest, source)
 
@@ -127,18 +118,38 @@ class UpstreamFetcher:
         if self.upstream.endpoint(ref.registry) is None:
             return None
         chosen = self.designation.for_blob(digest).node
-        for _ in range(UNREACHABLE_TRIES):
-            if chosen is None:
-                break
-            try:
-                return await peers.fetch_at(chosen, ref, digest, "blob")
-            except PeerUnreachable:
-                self.designation.unreachable(chosen)
-            chosen = self.designation.for_blob(digest).node
+        if chosen is not None:
+            answered, blob = await self._from_fetcher(chosen, ref, digest, peers, None)
+            if answered:
+                return blob
         blob = await self.upstream.find(ref, digest, "blob")
         if herd is not None:
             herd.received(str(digest))  # fed by the registry now: it serves peers again
         return blob
+
+    async def _from_fetcher(
+        self,
+        chosen: Peer,
+        ref: Reference,
+        digest: Digest,
+        peers: FetchingPeer,
+        image: ImageParts | None,
+    ) -> tuple[bool, Blob | None]:
+        """(True, its answer) from the designated fetcher, passing over one that does not
+        answer to the next in the same order; (False, None) when this node is next in line."""
+        for _ in range(UNREACHABLE_TRIES):
+            if image is not None:
+                await self._tell(chosen, ref, image)
+            try:
+                return True, await peers.fetch_at(chosen, ref, digest, "blob")
+            except PeerUnreachable:
+                log.info("designated fetcher %s of %s unreachable", chosen, digest)
+                self.designation.unreachable(chosen)
+            next_choice = self.designation.for_blob(digest).node
+            if next_choice is None:
+                break
+            chosen = next_choice
+        return False, None
 
     async def _manifest(self, ref: Reference, digest: Digest) -> Blob | None:
         """A manifest from upstream. An image manifest is remembered, and its blobs are from
