@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import urllib.request
 from pathlib import Path
@@ -11,6 +12,16 @@ from tests.harness.containerd import ContainerdNode
 from tests.harness.procs import Proc, free_port, start, tcp_open, wait_for
 
 SHOAL = [sys.executable, "-m", "shoal.cli"]
+
+
+def _shoal_command(name: str) -> list[str]:
+    """`shoal` itself, or under cProfile when SHOAL_PROFILE_DIR names where its profile goes
+    (written when it stops, in CPU seconds of the event loop: where a bench's CPU goes)."""
+    directory = os.environ.get("SHOAL_PROFILE_DIR")
+    if not directory:
+        return SHOAL
+    out = Path(directory) / f"shoal-{name}.prof"
+    return [sys.executable, "-m", "tests.harness.profiled", str(out)]
 
 
 class ShoalDaemon:
@@ -49,7 +60,7 @@ class ShoalDaemon:
 
     def argv(self) -> list[str]:
         return [
-            *SHOAL,
+            *_shoal_command(self.node.name),
             "run",
             "--containerd-socket", str(self.node.socket),
             "--containerd-namespace", self.node.namespace,
