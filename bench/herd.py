@@ -143,10 +143,6 @@ class Bench:
         warm_memory(self.args.warm_gib)
         peak = Peak(nodes[0]) if via_shoal and len(nodes) == 1 else None
         mark, cpu0 = self.registry.mark(), cpu()
-        NAMES = ["lookups", "lookup_queries", "lookup_local_hits", "records_sent", "records_received", "announce_streams"]
-        def rstats():
-            return {k: sum(n.metric(f"shoal_routing_{k}_total") for n in nodes if n.shoal) for k in NAMES} if via_shoal else {}
-        r0 = rstats()
         reg0 = self.reg_ns.sent_bytes()
         sent0 = {n.ns.short_name: n.ns.sent_bytes() for n in nodes}
         peers0 = {n.ns.short_name: to_peers(n) for n in nodes}
@@ -160,8 +156,6 @@ class Bench:
         if peak:
             peak.stop()
         cpu1 = cpu()
-        r1 = rstats()
-        print("ROUTING", {k: r1[k] - r0[k] for k in r1})
         log = self.registry.access_log(mark)
         by_ip = {n.ns.ip: n.ns.short_name for n in nodes}
         fetched: dict[str, float] = {}

@@ -109,6 +109,22 @@ async def test_a_newcomer_gets_its_share_of_existing_keys(tmp_path: Path) -> Non
         await stop_all([a, b, c])
 
 
+async def test_keys_advertised_together_go_out_as_one_message_per_peer(tmp_path: Path) -> None:
+    # A pull starts its blobs within milliseconds of each other; each is advertised on its own
+    # call. They share one announcement, so every peer handles one message, not one per blob.
+    a, b, c = await libp2p_cluster(tmp_path, 3)
+    try:
+        before = a.stats()["announce_streams"]
+        keys = [f"sha256:{i:064x}" for i in range(6)]
+        await asyncio.gather(*(a.advertise([k]) for k in keys))
+        assert a.stats()["announce_streams"] - before == 2  # b and c, once each
+        for key in keys:
+            assert [p.id for p in await found(b, key)] == [a.node_info().id]
+            assert [p.id for p in await found(c, key)] == [a.node_info().id]
+    finally:
+        await stop_all([a, b, c])
+
+
 async def test_records_live_while_reannounced_and_expire_after(tmp_path: Path) -> None:
     short = dataclasses_replace(TEST_OPTIONS, record_ttl=1.5, reannounce_interval=0.5)
     silent = dataclasses_replace(short, reannounce_interval=3600)

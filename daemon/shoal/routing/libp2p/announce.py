@@ -34,6 +34,15 @@ from shoal.routing.options import is_unspecified
 log = logging.getLogger("shoal.routing.node")  # its name before the split, kept for log readers
 
 
+class _Batch:
+    """New keys gathered for one announcement; its first caller sends it."""
+
+    def __init__(self) -> None:
+        self.keys: dict[bytes, None] = {}
+        self.leader = False
+        self.sent = trio.Event()
+
+
 class Announcer:
     def __init__(self, membership: Membership) -> None:
         self.membership = membership
@@ -44,6 +53,7 @@ class Announcer:
         self.covered: set[ID] = set()  # peers holding their share of all our keys
         self.regions: dict[tuple[int, int], tuple[float, list[ID]]] = {}
         self._send_limiter = trio.CapacityLimiter(self.options.announce_parallel)
+        self._batch = _Batch()  # keys waiting for their announcement
 
     async def targets(self, keys: list[bytes], peers: list[ID]) -> dict[ID, list[bytes]]:
         """For each peer, the keys it is among the `replication` closest for (self included).
@@ -114,16 +124,36 @@ class Announcer:
                         del store[key]
 
     async def advertise(self, keys: list[bytes]) -> int:
-        """Add keys; the new ones are announced now. Returns how many were new."""
-        new = [k for k in dict.fromkeys(keys) if k not in self.keys]
+        """Add keys; the new ones are announced within `announce_linger`, together with those
+        other calls add meanwhile. Returns how many were new, once they went out."""
+        batch = self._batch
+        new = [k for k in dict.fromkeys(keys) if k not in self.keys and k not in batch.keys]
         if not new:
             return 0
-        # Peers not covered yet get their share of the older keys first; then every covered
-        # peer (them included) gets the new ones, so both arrive before this returns.
-        await self.welcome_newcomers()
-        self.keys.update(new)
-        self._store_own(new, add=True)
-        await self._announce(new, wire.OP_ADD)
+        batch.keys.update(dict.fromkeys(new))
+        if batch.leader:
+            await batch.sent.wait()
+            return len(new)
+        batch.leader = True
+        opts = self.options
+        # Shielded, with a deadline of its own: the callers that joined wait on this send.
+        budget = opts.announce_linger + opts.announce_open_timeout + opts.announce_frame_timeout
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + budget):
+            try:
+                await trio.sleep(opts.announce_linger)
+                self._batch = _Batch()
+                keys_out = list(batch.keys)
+                # Peers not covered yet get their share of the older keys first; then every
+                # covered peer (them included) gets the new ones.
+                await self.welcome_newcomers()
+                self.keys.update(keys_out)
+                self._store_own(keys_out, add=True)
+                await self._announce(keys_out, wire.OP_ADD)
+            finally:
+                if self._batch is batch:
+                    self._batch = _Batch()
+                self.keys.update(batch.keys)  # kept: announce_all re-sends every key
+                batch.sent.set()
         return len(new)
 
     async def withdraw(self, keys: list[bytes]) -> None:
@@ -131,6 +161,8 @@ class Announcer:
         never announced are sent too: an earlier run of this node (same peer ID) may have."""
         gone = list(dict.fromkeys(keys))
         self.keys.difference_update(gone)
+        for key in gone:
+            self._batch.keys.pop(key, None)
         self._store_own(gone, add=False)
         if gone:
             await self._announce(gone, wire.OP_REMOVE)
