@@ -38,6 +38,7 @@ from shoal.oci.digest import Digest
 from shoal.registry.protocol import peer_url
 from shoal.routing.base import Peer
 from shoal.sources.holders import Holders
+from shoal.sources.liveness import answers, while_alive
 
 log = logging.getLogger("shoal.peers")
 
@@ -215,8 +216,15 @@ class PeerDownload:
             metrics.HERD_FOLLOWED.labels("reattach").inc()
         url = peer_url(peer.address, self._blob_path, self.ns)
         d = self.link.deadlines
-        async with asyncio.timeout((self.patience if fetch else None) or d.header_timeout):
-            resp = await self.link.session.get(url, headers=headers)
+        request = self.link.session.get(url, headers=headers)
+        if fetch and self.patience is not None:  # patient only while the fetcher is alive
+            resp = await while_alive(
+                request, lambda: answers(self.link.session, peer, d.probe_timeout),
+                first=d.header_timeout, every=d.silence, limit=self.patience,
+            )  # fmt: skip
+        else:
+            async with asyncio.timeout(d.header_timeout):
+                resp = await request
         try:
             if resp.status == 429 and REFERRALS_HEADER in resp.headers:
                 raise Referred(

@@ -32,6 +32,7 @@ from shoal.routing.base import Peer
 from shoal.sources.download import Deadlines, PeerDownload, RequestSigner
 from shoal.sources.hedge import hedged
 from shoal.sources.holders import Holders
+from shoal.sources.liveness import answers, while_alive
 
 log = logging.getLogger("shoal.peers")
 
@@ -242,14 +243,23 @@ class PeerSource:
         # A peer asked to fetch from upstream first asks upstream itself: allow it `patience`.
         timeout = None if patience is None else aiohttp.ClientTimeout(sock_read=patience)
 
+        d = self.settings.deadlines
+
         async def ask(peer: Peer) -> aiohttp.ClientResponse:
-            resp = await self.session.request(
+            request = self.session.request(
                 method,
                 peer_url(peer.address, path, ns),
                 headers={"Accept": _ACCEPT, **self.signer.headers(method, path, ns, fetch)},
                 allow_redirects=False,
                 timeout=timeout,
             )
+            if patience is None:
+                resp = await request
+            else:  # patient only with a peer that is alive: a crashed one never answers
+                resp = await while_alive(
+                    request, lambda: answers(self.session, peer, d.probe_timeout),
+                    first=d.header_timeout, every=d.silence, limit=patience,
+                )  # fmt: skip
             resp.release()
             if answered is not None:
                 answered.append(resp.status)
