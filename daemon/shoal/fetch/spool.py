@@ -38,7 +38,11 @@ WRITE_BATCH = 1024 * 1024
 LINGER = 0.05
 
 
-MAX_RESCUES = 2
+# A node that crashed strands its whole subtree at once: the next fetcher in line may itself be
+# between sources when asked, so a rescue may need a few tries while the tree re-forms. Each
+# failed try that gives up sends containerd to the registry for the whole blob.
+MAX_RESCUES = 5
+RESCUE_PAUSE = 1.0  # before every try after the first
 
 # What a fetch that lost its source may continue from: a Blob readable from `pos` (or None).
 Rescue = Callable[[int], Awaitable[Blob | None]]
@@ -92,6 +96,8 @@ class Fetch:
                 except (ConnectionError, TimeoutError) as exc:
                     if rescue is None or rescues >= MAX_RESCUES or self.written >= self.size:
                         raise
+                    if rescues:
+                        await asyncio.sleep(RESCUE_PAUSE)
                     rescues += 1
                     replacement = await rescue(self.written)
                     if replacement is None:
