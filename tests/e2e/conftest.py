@@ -86,15 +86,17 @@ _counter = itertools.count()
 
 @pytest.fixture
 def tmp(session_tmp: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
-    """A fresh short directory per test; kept (and its path reported) if the test failed."""
+    """A fresh short directory per test; kept (and its path reported) if the test failed, or
+    always with SHOAL_KEEP_LOGS=1."""
     path = session_tmp / f"t{next(_counter)}"
     path.mkdir()
     yield path
-    if request.node.stash.get(_FAILED, False):
+    if request.node.stash.get(_FAILED, False) or os.environ.get("SHOAL_KEEP_LOGS") == "1":
         # Renaming is cheap even with big content stores; the logs outlive the session dir.
-        keep = Path(tempfile.mkdtemp(prefix=f"shoal-failed-{request.node.name[:40]}-"))
+        outcome = "failed" if request.node.stash.get(_FAILED, False) else "kept"
+        keep = Path(tempfile.mkdtemp(prefix=f"shoal-{outcome}-{request.node.name[:40]}-"))
         path.rename(keep / path.name)
-        print(f"\nlogs of the failed test kept in {keep / path.name}")
+        print(f"\nlogs of the {outcome} test kept in {keep / path.name}")
     else:
         shutil.rmtree(path, ignore_errors=True)
 

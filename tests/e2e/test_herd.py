@@ -1,18 +1,21 @@
 """A herd on capped links loses its busiest node mid-rollout (issue 15): every pull completes
-with the right bytes and no failed attempt, and the registry sends at most 3x the image.
+with the right bytes and no failed attempt.
 
 `SHOAL_HERD_NODES` nodes (default 8; 16 for the issue's size) and a registry, each in its own
 network namespace with its link capped at 200 Mbit/s in both directions, pull one 4-layer image
 at once through CRI `PullImage` (up to 3 attempts 1 s apart, as a kubelet), their shoals
 running with `--herd-fanout 2` (`SHOAL_HERD_FANOUT=K`; `0` runs the star, no bound, for
-comparison). Mid-rollout, the node whose shoal serves the most peer streams (its
-`shoal_herd_streams` gauge; the fastest sender over its link when no node exports it) has its
-shoal SIGKILLed, once that node has received half the image itself. Its own containerd moves
-on to the registry, the next host its hosts.toml lists, for what it still lacks: that costs the
-registry up to one image. The busiest node is usually the designated fetcher: what it had
-fetched and not yet passed on is fetched again by the next in line, up to one more. So the
-bound is 3x (issue 15 asks for 1.5x: measured 1.49x, 1.60x and 2.30x, so not held; before the
-rescue, every stranded node went to the registry: 4-5x). Times are printed, never asserted.
+comparison). Mid-rollout, once the node whose shoal serves the most peer streams (its
+`shoal_herd_streams` gauge; the fastest sender over its link when no node exports it) has
+received half the image itself, it dies, in one of two ways:
+- the node crashes: its link goes silent and its containerd and shoal are killed. Every other
+  pull completes and the registry sends at most 1.5x the image: the busiest node is usually
+  the designated fetcher, and the next in line fetches only what the survivors still lack.
+- only its shoal is killed: its own containerd moves on to the registry, the next host its
+  hosts.toml lists, for what it still lacks, which costs the registry up to one more image, so
+  the bound is 3x (measured 1.49x, 1.60x and 2.30x; before the rescue, every stranded node
+  went to the registry: 4-5x).
+Times are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -136,27 +139,38 @@ def busiest(
     raise AssertionError("no node served peers within 120 s")
 
 
-def test_the_busiest_node_dies_mid_rollout(herd: Herd) -> None:
+@pytest.mark.parametrize(
+    ("dies", "bound"),
+    [("node", 1.5), ("shoal", 3.0)],
+    ids=["the-node-crashes", "its-shoal-is-killed"],
+)
+def test_the_busiest_node_dies_mid_rollout(herd: Herd, dies: str, bound: float) -> None:
     total = herd.image.total_size
     registry = herd.cluster.registry
     mark, reg0 = registry.mark(), herd.reg_ns.sent_bytes()
     sent0 = {n.ns.short_name: n.ns.sent_bytes() for n in herd.nodes}
     outcomes: dict[str, Outcome] = {}
-    threads = [
-        threading.Thread(
-            target=lambda n=n: outcomes.__setitem__(n.ns.short_name, kubelet_pull(n, herd.ref))
+    threads = {
+        n.ns.short_name: threading.Thread(
+            target=lambda n=n: outcomes.__setitem__(n.ns.short_name, kubelet_pull(n, herd.ref)),
+            daemon=True,  # a crashed node's pull is left to fail on its own
         )
         for n in herd.nodes
-    ]
+    }
     start = time.monotonic()
-    for t in threads:
+    for t in threads.values():
         t.start()
-    victim, how = busiest(herd, sent0, threads)
+    victim, how = busiest(herd, sent0, list(threads.values()))
     struck = time.monotonic() - start
     assert victim.shoal is not None and victim.shoal.proc is not None
+    if dies == "node":
+        victim.ns.cut()
+        assert victim.containerd.proc is not None
+        victim.containerd.proc.signal(signal.SIGKILL)
     victim.shoal.proc.signal(signal.SIGKILL)
-    for t in threads:
-        t.join(600)
+    survivors = [n for n in herd.nodes if dies == "shoal" or n is not victim]
+    for node in survivors:
+        threads[node.ns.short_name].join(600)
     victim.shoal.kill()  # reaped
     reg_sent = (herd.reg_ns.sent_bytes() - reg0) / total
     by_remote: dict[str, float] = {}
@@ -166,19 +180,21 @@ def test_the_busiest_node_dies_mid_rollout(herd: Herd) -> None:
             who = names.get(r.remote.rsplit(":", 1)[0], r.remote)
             by_remote[who] = by_remote.get(who, 0.0) + r.size / total
     print(f"\nherd of {NODES}, {MIB} MiB, every link {RATE}, --herd-fanout {FANOUT}: "
-          f"killed {victim.ns.short_name}'s shoal at {struck:.1f} s ({how}); registry link "
+          f"{victim.ns.short_name}'s {dies} died at {struck:.1f} s ({how}); registry link "
           f"sent {reg_sent:.2f}x the image, blob bodies to "
           + ", ".join(f"{k} {v:.2f}x" for k, v in sorted(by_remote.items())))  # fmt: skip
     for name, o in sorted(outcomes.items()):
         print(f"  {name}: {o.seconds:.1f} s, failed attempts {o.failed_attempts}"
               + (f" ({o.errors[0][:120]})" if o.errors else ""))  # fmt: skip
 
-    assert len(outcomes) == NODES
-    for name, o in outcomes.items():
+    for node in survivors:
+        name = node.ns.short_name
+        assert name in outcomes, f"{name}: no pull outcome"
+        o = outcomes[name]
         assert o.failed_attempts < ATTEMPTS, f"{name}: {o.errors}"
-    for node in herd.nodes:
         for layer in herd.image.layers:
-            assert node.containerd.read_blob(layer.digest) == layer.data, node.ns.short_name
-    for name, o in outcomes.items():
-        assert o.failed_attempts == 0, f"{name}: {o.errors}"
-    assert reg_sent <= 3.0, f"the registry sent {reg_sent:.2f}x the image"
+            assert node.containerd.read_blob(layer.digest) == layer.data, name
+    for node in survivors:
+        o = outcomes[node.ns.short_name]
+        assert o.failed_attempts == 0, f"{node.ns.short_name}: {o.errors}"
+    assert reg_sent <= bound, f"the registry sent {reg_sent:.2f}x the image"

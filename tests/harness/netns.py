@@ -165,6 +165,11 @@ class Namespace:
         if direction in ("both", "out"):
             self.exec(["tc", "qdisc", "replace", "dev", self.veth_ns, *args])
 
+    def cut(self) -> None:
+        """The link goes silent, as a machine that crashed: what is sent to the namespace is
+        dropped, with no reset and no FIN (its host-side veth goes down)."""
+        _run(["ip", "link", "set", self.veth_host, "down"])
+
     def unlimit(self) -> None:
         _run(["tc", "qdisc", "del", "dev", self.veth_host, "root"], check=False)
         self.exec(["tc", "qdisc", "del", "dev", self.veth_ns, "root"], check=False)
