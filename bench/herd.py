@@ -25,6 +25,8 @@ node's shoal's own count of body bytes sent to peers (shoal_bytes_to_peers_total
 of the shoals and containerds, since all nodes share this host's cores.
 Goals (issue 15): registry <= 1.1x the image, no node sends > 3x, the last node done <= 1.5x the
 floor.
+At the end, per run with star and tree, the bench/herd_model.py line whose CPU costs come from
+that run's floor, 1-node and star phases, checking its tree and star times (docs/herd.md).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import _herd_cpu
 from bench._measure import cpu_seconds, node_arguments, warm_memory
 from bench.rollout import fetch_all
 from tests.harness import images
@@ -321,6 +324,31 @@ def summary(bench: Bench, designs: dict[str, list[str]]) -> None:
             f"{name}: {v:.2f}x {'met' if v <= goal else 'MISSED'}" for name, v, goal in checks
         ))  # fmt: skip
     print("goals (issue 15) vs measured, worst run:", *goals, sep="\n")
+    for i, run in enumerate(runs):
+        if {"floor", "one", "star", "tree"} <= run.keys():
+            print(f"the model, calibrated by run {i + 1} (docs/herd.md):\n  "
+                  + model_command(args, run))  # fmt: skip
+
+
+def model_command(args: argparse.Namespace, run: dict[str, Phase]) -> str:
+    """bench/herd_model.py checking this run's tree and star, its CPU calibrated by the floor,
+    1-node and star phases (the star: the bytes all shoals sent to peers, in images)."""
+    extra: list[str] = []
+    if (args.mib, args.layers) != (56, 4):
+        extra += ["--mib", str(args.mib), "--layers", str(args.layers)]
+    mbit = re.fullmatch(r"(\d+(?:\.\d+)?)mbit", args.rate)
+    if mbit is None or float(mbit[1]) != 200:
+        extra += ["--rate-mbit", mbit[1] if mbit else f"<{args.rate} in Mbit/s>"]
+    floor, one, star = run["floor"], run["one"], run["star"]
+    return _herd_cpu.command(
+        nodes=args.nodes,
+        fanout=args.fanout,
+        floor=(floor.took, floor.cpu_containerd),
+        alone=(one.took, one.cpu_shoal),
+        star=(star.took, star.cpu_shoal, sum(star.to_peers.values())),
+        tree=run["tree"].took,
+        extra=tuple(extra),
+    )
 
 
 if __name__ == "__main__":

@@ -5,11 +5,15 @@ cannot hold.
     .venv/bin/python bench/herd_model.py [--nodes 16,100,1000,5000] [--fanout 0,1,2,3]
         [--rate-mbit 200] [--mib 56 --layers 4] [--plot docs/herd-model.png] [--kill-busiest]
         [--measured-16 [FANOUT=]SECONDS,...] [--node-mbps X] [--host-mbps X] [--step-ms 1]
+        [--host-cores 2 --cpu-recv S --cpu-send S | --calibrate-cpu floor=S,floor_ctrd=CPU,...]
 
 What is modelled (docs/herd.md says why each choice):
 - every node has an uplink and a downlink of `--rate-mbit`, the registry an uplink of the same;
   a node's receiving is also capped by `--node-mbps` (MB/s it can receive, hash and write) and
-  all nodes' together by `--host-mbps` (nodes sharing one host's cores, as in the real bench);
+  all nodes' together by `--host-mbps`;
+- all nodes share `--host-cores` cores (one host, as in the real bench): a flow costs
+  `--cpu-recv` CPU-s per MB at its child (containerd and shoal receiving) and, when its parent
+  is a node, `--cpu-send` more at the parent (shoal sending), so sum(w_f * rate_f) <= cores;
 - the designated fetcher (rendezvous hashing over the members) fetches the layers from the
   registry one after another in manifest order and advertises all of them at once;
 - every other node asks for its layers at t ~ 0 (seeded jitter), at most `--concurrent` (3, as
@@ -19,8 +23,9 @@ What is modelled (docs/herd.md says why each choice):
 - a node advertises a blob the moment it starts receiving it; a child never has more bytes
   than its parent (cut-through); a node holds the end of a blob until its own hash matched,
   `--holdback-ms` after both it has all bytes and its parent ended the response;
-- rates are max-min fair over every uplink, downlink and CPU cap, with cut-through as a
-  constraint (a child caught up with its parent moves at most at the parent's rate).
+- rates are max-min fair over every uplink, downlink and CPU cap (the host's cores weighted
+  by each flow's CPU per byte), with cut-through as a constraint (a child caught up with its
+  parent moves at most at the parent's rate).
 The fluid state advances from event to event (an ask, a stream's start or end, a catch-up),
 but never by less than `--step-ms`: events closer than that share one rate computation.
 """
@@ -44,6 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "daemon"))
 sys.path.insert(0, str(ROOT))
 
+from bench import _herd_cpu  # noqa: E402
+
 from shoal.herd.policy import MAX_UPSTREAM, Fanout, Slot, Walk, upstream_chain  # noqa: E402
 
 MIB = 1 << 20
@@ -66,6 +73,9 @@ class Params:
     concurrent: int = 3
     node_mbps: float = math.inf  # MB/s a node can receive + hash + write
     host_mbps: float = math.inf  # MB/s all nodes together can (one shared host)
+    host_cores: float = math.inf  # cores all nodes share (one host)
+    cpu_recv: float = 0.0  # CPU-s per MB a flow costs at its child (containerd + shoal)
+    cpu_send: float = 0.0  # CPU-s per MB more at its parent when that is a node (shoal)
     deadline: float = 4.0  # shoal's Deadlines: 2 s of silence, then a 2 s probe
     dead_ask: float = 0.25  # an ask to a dead node: the hedge moves on after 250 ms
     retry: float = 0.1  # everyone full, spares too: ask again after this
@@ -146,10 +156,11 @@ class Model:
         self.nflows = 0
         rate = p.rate_mbit * 1e6 / 8
         down = min(rate, p.node_mbps * 1e6)
+        # Caps in bytes/s, the CPU's in CPU-s/s (its weights are CPU-s per byte).
         self.caps = np.concatenate(
-            [np.full(n, rate), np.full(n, down), [rate, p.host_mbps * 1e6, math.inf]]
+            [np.full(n, rate), np.full(n, down), [rate, p.host_mbps * 1e6, p.host_cores, math.inf]]
         )
-        self.R_REG, self.R_HOST, self.R_NONE = 2 * n, 2 * n + 1, 2 * n + 2
+        self.R_REG, self.R_HOST, self.R_CPU, self.R_NONE = 2 * n, 2 * n + 1, 2 * n + 2, 2 * n + 3
 
     # -- events ------------------------------------------------------------------------------
 
@@ -450,12 +461,23 @@ class Model:
         self, parent: np.ndarray, child: np.ndarray, anc: np.ndarray, fixed0: np.ndarray
     ) -> np.ndarray:
         """Max-min fair rates by progressive filling; a caught-up flow (`anc`: the position of
-        its parent's incoming flow, m if none) freezes when that flow freezes."""
-        m, n = len(parent), self.p.nodes
+        its parent's incoming flow, m if none) freezes when that flow freezes. A flow takes
+        weight x its rate of each resource it crosses: 1 of the links and `--host-mbps`, its
+        CPU per byte of the host's cores."""
+        p, m, n = self.p, len(parent), self.p.nodes
         up = np.where(parent == REGISTRY, self.R_REG, parent)
         down = n + child
-        host = np.full(m, self.R_HOST if math.isfinite(self.p.host_mbps) else self.R_NONE)
-        res = np.stack([up, down, host])
+        rows = [up, down]
+        weights = [np.ones(m), np.ones(m)]
+        if math.isfinite(p.host_mbps):
+            rows.append(np.full(m, self.R_HOST))
+            weights.append(np.ones(m))
+        if math.isfinite(p.host_cores):
+            rows.append(np.full(m, self.R_CPU))
+            cpu = p.cpu_recv + np.where(parent == REGISTRY, 0.0, p.cpu_send)
+            weights.append(cpu / 1e6)
+        res, wts = np.stack(rows), np.stack(weights)
+        crosses = wts > 0  # a resource a flow takes nothing of cannot freeze it
         nres = len(self.caps)
         jumps = [np.append(anc, m)]
         while (jumps[-1] != m).any() and len(jumps) < 24:
@@ -475,22 +497,22 @@ class Model:
             act = ~frozen
             if not act.any():
                 break
-            cnt = np.zeros(nres)
-            for r in res:
-                cnt += np.bincount(r[act], minlength=nres)
+            # What one more byte/s for every active flow takes of each resource.
+            per = np.zeros(nres)
+            for r, w in zip(res, wts, strict=True):
+                per += np.bincount(r[act], weights=w[act], minlength=nres)
             with np.errstate(divide="ignore", invalid="ignore"):
-                level = np.where(cnt > 0, (self.caps - load) / cnt, math.inf)
+                level = np.where(per > 0, (self.caps - load) / per, math.inf)
             lam = float(level.min())
             if not math.isfinite(lam):  # nothing limits them (no such flows in practice)
                 rate[act] = 0.0
                 break
             sat = level <= lam * (1 + 1e-9) + 1e-9
-            newly = act & (sat[up] | sat[down] | sat[host])
+            newly = act & (sat[res] & crosses).any(axis=0)
             newly = closure(newly) & act
             rate[newly] = lam
-            for r in res:
-                load += np.bincount(r[newly], weights=np.full(int(newly.sum()), lam),
-                                    minlength=nres)  # fmt: skip
+            for r, w in zip(res, wts, strict=True):
+                load += np.bincount(r[newly], weights=w[newly] * lam, minlength=nres)
             frozen |= newly
         return rate
 
@@ -570,10 +592,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="s a real pull spends off the link, added to every node's finish",
     )
     ap.add_argument(
-        "--calibrate",
+        "--host-cores",
+        type=float,
+        default=math.inf,
+        help="cores all nodes share (default: no CPU limit)",
+    )
+    ap.add_argument(
+        "--cpu-recv",
+        type=float,
+        default=0.0,
+        help="CPU-s per MB a flow costs at its child (containerd + shoal receiving)",
+    )
+    ap.add_argument(
+        "--cpu-send",
+        type=float,
+        default=0.0,
+        help="CPU-s per MB a flow costs at its parent, when that is a node (shoal sending)",
+    )
+    ap.add_argument(
+        "--calibrate-cpu",
         default="",
-        help="alone=S,floor=S[,nodes=16][,relay=2.2]: the real bench's 1-node and "
-        "floor phases set --overhead-s and --host-mbps (docs/herd.md)",
+        help="floor=S,floor_ctrd=CPU,alone=S,alone_shoal=CPU,star_shoal=CPU,star_sent=X"
+        "[,nodes=16,cores=2]: the real bench's floor, 1-node and star phases set the CPU "
+        "costs, --host-cores and --overhead-s (docs/herd.md; bench/herd.py prints this)",
     )
     ap.add_argument(
         "--deadline",
@@ -597,23 +638,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             nodes=nodes, fanout=fanout, rate_mbit=a.rate_mbit, mib=a.mib, layers=a.layers,
             rtt=a.rtt_ms / 1e3, holdback=a.holdback_ms / 1e3, jitter=a.jitter_ms / 1e3,
             concurrent=a.concurrent, node_mbps=a.node_mbps, host_mbps=a.host_mbps,
+            host_cores=a.host_cores, cpu_recv=a.cpu_recv, cpu_send=a.cpu_send,
             deadline=a.deadline, step=a.step_ms / 1e3, seed=a.seed, overhead=a.overhead_s,
             **kw,  # type: ignore[arg-type]
         )  # fmt: skip
 
-    if a.calibrate:
-        c = {k: float(v) for k, v in (kv.split("=") for kv in a.calibrate.split(","))}
+    if a.calibrate_cpu:
+        try:
+            c = _herd_cpu.parse(a.calibrate_cpu)
+        except ValueError as e:
+            ap.error(str(e))
+        image_mb = a.mib * MIB / 1e6
+        cost = _herd_cpu.costs(c, image_mb)
+        a.host_cores, a.cpu_recv, a.cpu_send = cost.cores, cost.recv, cost.send
         link_alone = Model(params(1, 0)).run().time - a.overhead_s
         a.overhead_s = max(0.0, c["alone"] - link_alone)
-        # The floor is N pulls straight from the registry, links unlimited: containerd's work
-        # alone bounds it. Through shoal every byte also crosses a relaying shoal, `relay`
-        # times the CPU of containerd's alone (README's 8-node rollout: ~2.2).
-        work = c.get("nodes", 16) * a.mib * MIB / 1e6 / max(1e-3, c["floor"] - a.overhead_s)
-        a.host_mbps = work / c.get("relay", 2.2)
-        print(f"calibrated: overhead {a.overhead_s:.2f} s (1 node measured {c['alone']:g} s, "
-              f"on the link {link_alone:.2f} s); host {a.host_mbps:.0f} MB/s relayed "
-              f"(floor {c['floor']:g} s: {work:.0f} MB/s of containerd work, / "
-              f"{c.get('relay', 2.2):g})")  # fmt: skip
+        nodes = c["nodes"]
+        print(
+            f"calibrated ({image_mb:.1f} MB image), CPU-s per MB:\n"
+            f"  containerd receiving {cost.ctrd:.5f} (floor: {c['floor_ctrd']:g} CPU-s for "
+            f"{nodes:g} images in {c['floor']:g} s)\n"
+            f"  shoal receiving {cost.shoal_recv:.5f} (1 node: {c['alone_shoal']:g} CPU-s)\n"
+            f"  shoal sending {cost.send:.5f} (star: {c['star_shoal']:g} CPU-s, "
+            f"{nodes * cost.shoal_recv * image_mb:.1f} of them receiving, "
+            f"{c['star_sent']:g} images sent to peers)\n"
+            f"  a flow: {cost.recv:.5f} at its child, + {cost.send:.5f} at a node parent; "
+            f"{cost.cores:g} cores shared\n"
+            f"  overhead {a.overhead_s:.2f} s (1 node measured {c['alone']:g} s, "
+            f"on the link {link_alone:.2f} s)"
+        )
 
     sizes = [int(x) for x in a.nodes.split(",")]
     fanouts = [int(x) for x in a.fanout.split(",")]
@@ -623,7 +676,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"herd model: {a.mib:g} MiB image in {a.layers} layers; every uplink and downlink "
         f"{a.rate_mbit:g} Mbit/s (the registry's uplink too); RTT {a.rtt_ms:g} ms, hold-back "
         f"{a.holdback_ms:g} ms per hop, {a.concurrent} layer downloads per node, node CPU "
-        f"{a.node_mbps:g} MB/s, host {a.host_mbps:g} MB/s, step {a.step_ms:g} ms, seed {a.seed}"
+        f"{a.node_mbps:g} MB/s, host {a.host_mbps:g} MB/s, {a.host_cores:g} cores (CPU-s/MB "
+        f"{a.cpu_recv:g} receiving, {a.cpu_send:g} sending), step {a.step_ms:g} ms, seed {a.seed}"
     )
     print(f"one node alone: {alone:.2f} s\n")
     results: dict[tuple[int, int], Result] = {}

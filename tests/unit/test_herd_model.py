@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import shlex
+
+import numpy as np
 import pytest
-from bench.herd_model import Model, Params, Result
+from bench import _herd_cpu, herd, herd_model
+from bench.herd_model import MIB, REGISTRY, Model, Params, Result
 
 
 def run(**kw: float | int | None) -> Result:
@@ -37,3 +42,76 @@ def test_killing_the_busiest_node_midway_still_completes_everyone() -> None:
     assert r.failed == 0
     assert base.time < r.time < base.time + 2 * Params().deadline
     assert r.registry == pytest.approx(1.0, rel=1e-6)
+
+
+def test_the_host_cores_are_filled_with_each_flow_weighted_by_its_cpu_per_byte() -> None:
+    # Three nodes, 25 MB/s links; flows: registry->n0, n0->n1, n0->n2, n1->n2. CPU-s per MB:
+    # 0.01 at every child, 0.02 more at a node parent; 1.3 cores. By hand: n0's uplink and n2's
+    # downlink freeze the three node-sent flows at 12.5 MB/s (1.125 cores); the registry's
+    # flow then has (1.3 - 1.125) / 0.01 = 17.5 MB/s of CPU left, under its 25 MB/s link.
+    m = Model(Params(nodes=3, host_cores=1.3, cpu_recv=0.01, cpu_send=0.02))
+    parent, child = np.array([REGISTRY, 0, 0, 1]), np.array([0, 1, 2, 2])
+    rate = m.max_min(parent, child, np.full(4, 4), np.zeros(4, dtype=bool))
+    assert rate / 1e6 == pytest.approx([17.5, 12.5, 12.5, 12.5], rel=1e-9)
+    unlimited = Model(Params(nodes=3)).max_min(parent, child, np.full(4, 4), np.zeros(4, bool))
+    assert unlimited / 1e6 == pytest.approx([25.0, 12.5, 12.5, 12.5], rel=1e-9)
+
+
+def test_a_rollout_on_shared_cores_takes_its_cpu_work_over_the_cores() -> None:
+    links = run(nodes=16, fanout=2)
+    recv, send, cores = 0.02, 0.01, 2.0
+    cpu = run(nodes=16, fanout=2, host_cores=cores, cpu_recv=recv, cpu_send=send)
+    # 16 receives, 15 of them sent by a node; the cores stay busy but for the ramps.
+    work = (16 * recv + 15 * send) * 8 * MIB / 1e6 / cores
+    assert cpu.time > links.time
+    assert work <= cpu.time <= 1.05 * work
+    # Cores that never bind change nothing.
+    assert run(nodes=16, fanout=2, host_cores=1e6, cpu_recv=recv).time == links.time
+
+
+def test_the_cpu_calibration_arithmetic() -> None:
+    c = _herd_cpu.parse(
+        "floor=2.5,floor_ctrd=4,alone=2.6,alone_shoal=0.5,star_shoal=20,star_sent=15"
+    )
+    assert c["nodes"] == 16 and c["cores"] == 2
+    cost = _herd_cpu.costs(c, image_mb=50)
+    assert cost.ctrd == pytest.approx(4 / (16 * 50))  # floor: 16 images into containerds
+    assert cost.shoal_recv == pytest.approx(0.5 / 50)  # 1 node: one image through its shoal
+    assert cost.send == pytest.approx((20 - 16 * 0.01 * 50) / (15 * 50))  # star: the rest
+    assert cost.recv == pytest.approx(0.005 + 0.01)
+    assert _herd_cpu.costs({**c, "star_shoal": 5.0}, image_mb=50).send == 0.0  # floored
+    assert _herd_cpu.costs({**c, "nodes": 8, "cores": 4}, 50).ctrd == pytest.approx(4 / 400)
+    with pytest.raises(ValueError, match="star_sent"):
+        _herd_cpu.parse("floor=2.5,floor_ctrd=4,alone=2.6,alone_shoal=0.5,star_shoal=20")
+
+
+def test_the_command_the_bench_prints_runs_the_model_against_its_times(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    line = _herd_cpu.command(
+        nodes=16, fanout=2, floor=(2.6, 3.8), alone=(2.6, 0.6), star=(20.0, 17.0, 15.0), tree=11.0,
+        extra=("--mib", "8"),
+    )  # fmt: skip
+    assert herd_model.main(shlex.split(line)[1:]) == 0
+    out = capsys.readouterr().out
+    assert "shoal sending 0." in out
+    assert "16 nodes, tree, fanout 2: model" in out and "measured 11.00 s" in out
+    assert "16 nodes, star (today): model" in out and "measured 20.00 s" in out
+
+
+def test_the_bench_fills_the_model_command_with_its_own_phases() -> None:
+    def phase(took: float, shoal: float, ctrd: float, to_peers: dict[str, float]) -> herd.Phase:
+        return herd.Phase("p", took, [took], 1.0, 1.0, {}, {}, to_peers, shoal, ctrd)
+
+    run_ = {
+        "floor": phase(2.72, 0.0, 4.16, {}),
+        "one": phase(2.53, 0.44, 0.3, {"a": 0.0}),
+        "star": phase(30.86, 27.73, 6.5, {"a": 11.5, "b": 2.0, "c": 1.5}),
+        "tree": phase(8.35, 11.5, 4.6, {"a": 2.0}),
+    }
+    args = argparse.Namespace(nodes=16, fanout=2, mib=56, layers=4, rate="200mbit")
+    assert shlex.split(herd.model_command(args, run_))[1:] == [
+        "--nodes", "16", "--fanout", "0,2", "--calibrate-cpu",
+        "floor=2.72,floor_ctrd=4.16,alone=2.53,alone_shoal=0.44,star_shoal=27.73,star_sent=15.00",
+        "--measured-16", "2=8.35,0=30.86",
+    ]  # fmt: skip

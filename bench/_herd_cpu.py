@@ -1,0 +1,85 @@
+"""The herd model's CPU calibration (docs/herd.md, "Against the real bench"): what a flow costs
+the host's cores per MB, from bench/herd.py's floor, 1-node and star phases, never from the tree
+phase the model is checked against. bench/herd.py prints the model's command line with it."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+KEYS = ("floor", "floor_ctrd", "alone", "alone_shoal", "star_shoal", "star_sent")
+DEFAULTS = {"nodes": 16.0, "cores": 2.0}
+
+
+@dataclass(frozen=True)
+class CpuCost:
+    """CPU-s per MB (1e6 bytes) of image moved, and the cores all nodes share."""
+
+    ctrd: float  # containerd receiving, unpacking
+    shoal_recv: float  # a shoal receiving (from the registry or a peer) and serving containerd
+    send: float  # a shoal sending to a peer
+    cores: float
+
+    @property
+    def recv(self) -> float:
+        """What a flow costs at its child."""
+        return self.ctrd + self.shoal_recv
+
+
+def parse(text: str) -> dict[str, float]:
+    """`floor=S,floor_ctrd=CPU,alone=S,alone_shoal=CPU,star_shoal=CPU,star_sent=X[,nodes=16,
+    cores=2]`: every key of KEYS, the others optional."""
+    out = dict(DEFAULTS)
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key not in (*KEYS, *DEFAULTS):
+            raise ValueError(f"--calibrate-cpu: {part!r} is not one of {', '.join(KEYS)}=...")
+        out[key] = float(value)
+    missing = [k for k in KEYS if k not in out]
+    if missing:
+        raise ValueError(f"--calibrate-cpu: missing {', '.join(missing)}")
+    return out
+
+
+def costs(c: dict[str, float], image_mb: float) -> CpuCost:
+    """The floor's containerd CPU over its N images; the 1-node phase's shoal over one image;
+    what the star's shoals spent beyond N receives, over the images they sent to peers."""
+    nodes = c["nodes"]
+    ctrd = c["floor_ctrd"] / (nodes * image_mb)
+    shoal_recv = c["alone_shoal"] / image_mb
+    sent_mb = c["star_sent"] * image_mb
+    beyond = c["star_shoal"] - nodes * shoal_recv * image_mb
+    send = max(0.0, beyond / sent_mb) if sent_mb > 0 else 0.0
+    return CpuCost(ctrd=ctrd, shoal_recv=shoal_recv, send=send, cores=c["cores"])
+
+
+def command(
+    *,
+    nodes: int,
+    fanout: int,
+    floor: tuple[float, float],  # seconds, containerd CPU-s
+    alone: tuple[float, float],  # seconds, shoal CPU-s
+    star: tuple[float, float, float],  # seconds, shoal CPU-s, images the shoals sent to peers
+    tree: float,  # seconds
+    extra: tuple[str, ...] = (),
+) -> str:
+    """The bench/herd_model.py line that checks one bench run's tree and star times (the
+    star's CPU sets the send cost; its time, which the links bound, is still checked)."""
+    cal = (
+        f"floor={floor[0]:.2f},floor_ctrd={floor[1]:.2f},alone={alone[0]:.2f},"
+        f"alone_shoal={alone[1]:.2f},star_shoal={star[1]:.2f},star_sent={star[2]:.2f}"
+        + (f",nodes={nodes}" if nodes != DEFAULTS["nodes"] else "")
+    )
+    args = [
+        "bench/herd_model.py",
+        "--nodes",
+        str(nodes),
+        "--fanout",
+        f"0,{fanout}",
+        *extra,
+        "--calibrate-cpu",
+        cal,
+        "--measured-16",
+        f"{fanout}={tree:.2f},0={star[0]:.2f}",
+    ]
+    return shlex.join(args)
