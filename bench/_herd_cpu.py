@@ -8,6 +8,9 @@ import shlex
 from dataclasses import dataclass
 
 KEYS = ("floor", "floor_ctrd", "alone", "alone_shoal", "star_shoal", "star_sent")
+# The pair phase (two nodes, one relaying the image to the other as it arrives) measures the
+# sending cost at about a tree's per-stream rate; when given, it is used instead of the star's.
+PAIR = ("pair_shoal", "pair_sent")
 DEFAULTS = {"nodes": 16.0, "cores": 2.0}
 
 
@@ -32,10 +35,12 @@ def parse(text: str) -> dict[str, float]:
     out = dict(DEFAULTS)
     for part in filter(None, text.split(",")):
         key, sep, value = part.partition("=")
-        if not sep or key not in (*KEYS, *DEFAULTS):
+        if not sep or key not in (*KEYS, *PAIR, *DEFAULTS):
             raise ValueError(f"--calibrate-cpu: {part!r} is not one of {', '.join(KEYS)}=...")
         out[key] = float(value)
     missing = [k for k in KEYS if k not in out]
+    if sum(k in out for k in PAIR) == 1:
+        missing += [k for k in PAIR if k not in out]
     if missing:
         raise ValueError(f"--calibrate-cpu: missing {', '.join(missing)}")
     return out
@@ -43,12 +48,17 @@ def parse(text: str) -> dict[str, float]:
 
 def costs(c: dict[str, float], image_mb: float) -> CpuCost:
     """The floor's containerd CPU over its N images; the 1-node phase's shoal over one image;
-    what the star's shoals spent beyond N receives, over the images they sent to peers."""
+    what the pair's (else the star's) shoals spent beyond their receives, over the images they
+    sent to peers."""
     nodes = c["nodes"]
     ctrd = c["floor_ctrd"] / (nodes * image_mb)
     shoal_recv = c["alone_shoal"] / image_mb
-    sent_mb = c["star_sent"] * image_mb
-    beyond = c["star_shoal"] - nodes * shoal_recv * image_mb
+    senders, sent, spent = (
+        (2, c["pair_sent"], c["pair_shoal"]) if "pair_shoal" in c
+        else (nodes, c["star_sent"], c["star_shoal"])
+    )  # fmt: skip
+    sent_mb = sent * image_mb
+    beyond = spent - senders * shoal_recv * image_mb
     send = max(0.0, beyond / sent_mb) if sent_mb > 0 else 0.0
     return CpuCost(ctrd=ctrd, shoal_recv=shoal_recv, send=send, cores=c["cores"])
 
@@ -61,6 +71,7 @@ def command(
     alone: tuple[float, float],  # seconds, shoal CPU-s
     star: tuple[float, float, float],  # seconds, shoal CPU-s, images the shoals sent to peers
     tree: float,  # seconds
+    pair: tuple[float, float] | None = None,  # shoal CPU-s, images the shoals sent to peers
     extra: tuple[str, ...] = (),
 ) -> str:
     """The bench/herd_model.py line that checks one bench run's tree and star times (the
@@ -68,6 +79,7 @@ def command(
     cal = (
         f"floor={floor[0]:.2f},floor_ctrd={floor[1]:.2f},alone={alone[0]:.2f},"
         f"alone_shoal={alone[1]:.2f},star_shoal={star[1]:.2f},star_sent={star[2]:.2f}"
+        + (f",pair_shoal={pair[0]:.2f},pair_sent={pair[1]:.2f}" if pair else "")
         + (f",nodes={nodes}" if nodes != DEFAULTS["nodes"] else "")
     )
     args = [

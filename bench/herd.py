@@ -25,8 +25,10 @@ node's shoal's own count of body bytes sent to peers (shoal_bytes_to_peers_total
 of the shoals and containerds, since all nodes share this host's cores.
 Goals (issue 15): registry <= 1.1x the image, no node sends > 3x, the last node done <= 1.5x the
 floor.
-At the end, per run with star and tree, the bench/herd_model.py line whose CPU costs come from
-that run's floor, 1-node and star phases, checking its tree and star times (docs/herd.md).
+With the tree, each run also has a pair phase: 2 nodes capped, one relaying the image to the
+other as it arrives (what a shoal's sending costs). At the end, per run with star and tree, the
+bench/herd_model.py line whose CPU costs come from that run's floor, 1-node and pair phases,
+checking its tree and star times (docs/herd.md).
 """
 
 from __future__ import annotations
@@ -269,6 +271,11 @@ def main() -> int:
                 "one": bench.phase("1 node, capped", 1, herd_args=designs.get("star", []),
                                    capped=True),
             }  # fmt: skip
+            if "tree" in designs:
+                # One node relaying the image to one other as it arrives: the model's sending
+                # cost per byte, at about a tree's per-stream rate (docs/herd.md).
+                phases["pair"] = bench.phase("pair: 2 nodes, capped", 2,
+                                             herd_args=designs["tree"], capped=True)  # fmt: skip
             for d, extra in designs.items():
                 phases[d] = bench.phase(f"{label(d, args)}, {n} nodes, capped", n,
                                         herd_args=extra, capped=True)  # fmt: skip
@@ -347,6 +354,7 @@ def model_command(args: argparse.Namespace, run: dict[str, Phase]) -> str:
         alone=(one.took, one.cpu_shoal),
         star=(star.took, star.cpu_shoal, sum(star.to_peers.values())),
         tree=run["tree"].took,
+        pair=(run["pair"].cpu_shoal, sum(run["pair"].to_peers.values())) if "pair" in run else None,
         extra=tuple(extra),
     )
 

@@ -654,14 +654,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         link_alone = Model(params(1, 0)).run().time - a.overhead_s
         a.overhead_s = max(0.0, c["alone"] - link_alone)
         nodes = c["nodes"]
+        which, senders = ("pair", 2) if "pair_shoal" in c else ("star", nodes)
         print(
             f"calibrated ({image_mb:.1f} MB image), CPU-s per MB:\n"
             f"  containerd receiving {cost.ctrd:.5f} (floor: {c['floor_ctrd']:g} CPU-s for "
             f"{nodes:g} images in {c['floor']:g} s)\n"
             f"  shoal receiving {cost.shoal_recv:.5f} (1 node: {c['alone_shoal']:g} CPU-s)\n"
-            f"  shoal sending {cost.send:.5f} (star: {c['star_shoal']:g} CPU-s, "
-            f"{nodes * cost.shoal_recv * image_mb:.1f} of them receiving, "
-            f"{c['star_sent']:g} images sent to peers)\n"
+            f"  shoal sending {cost.send:.5f} ({which}: {c[which + '_shoal']:g} CPU-s, "
+            f"{senders * cost.shoal_recv * image_mb:.1f} of them receiving, "
+            f"{c[which + '_sent']:g} images sent to peers)\n"
             f"  a flow: {cost.recv:.5f} at its child, + {cost.send:.5f} at a node parent; "
             f"{cost.cores:g} cores shared\n"
             f"  overhead {a.overhead_s:.2f} s (1 node measured {c['alone']:g} s, "

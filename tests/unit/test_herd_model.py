@@ -85,6 +85,15 @@ def test_the_cpu_calibration_arithmetic() -> None:
         _herd_cpu.parse("floor=2.5,floor_ctrd=4,alone=2.6,alone_shoal=0.5,star_shoal=20")
 
 
+def test_the_pair_phase_sets_the_sending_cost_when_given() -> None:
+    base = "floor=2.5,floor_ctrd=4,alone=2.6,alone_shoal=0.5,star_shoal=20,star_sent=15"
+    c = _herd_cpu.parse(base + ",pair_shoal=1.5,pair_sent=1")
+    # Two shoals received an image each (0.01 CPU-s/MB), one also sent it to the other.
+    assert _herd_cpu.costs(c, image_mb=50).send == pytest.approx((1.5 - 2 * 0.5) / 50)
+    with pytest.raises(ValueError, match="pair_sent"):
+        _herd_cpu.parse(base + ",pair_shoal=1.5")
+
+
 def test_the_command_the_bench_prints_runs_the_model_against_its_times(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -115,3 +124,5 @@ def test_the_bench_fills_the_model_command_with_its_own_phases() -> None:
         "floor=2.72,floor_ctrd=4.16,alone=2.53,alone_shoal=0.44,star_shoal=27.73,star_sent=15.00",
         "--measured-16", "2=8.35,0=30.86",
     ]  # fmt: skip
+    run_["pair"] = phase(2.9, 1.31, 0.6, {"a": 1.0, "b": 0.01})
+    assert "star_sent=15.00,pair_shoal=1.31,pair_sent=1.01" in herd.model_command(args, run_)
