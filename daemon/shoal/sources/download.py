@@ -38,7 +38,7 @@ from shoal.oci.digest import Digest
 from shoal.registry.protocol import peer_url
 from shoal.routing.base import Peer
 from shoal.sources.holders import Holders
-from shoal.sources.liveness import answers, while_alive
+from shoal.sources.liveness import from_live_peer
 
 log = logging.getLogger("shoal.peers")
 
@@ -218,10 +218,7 @@ class PeerDownload:
         d = self.link.deadlines
         request = self.link.session.get(url, headers=headers)
         if fetch and self.patience is not None:  # patient only while the fetcher is alive
-            resp = await while_alive(
-                request, lambda: answers(self.link.session, peer, d.probe_timeout),
-                first=d.header_timeout, every=d.silence, limit=self.patience,
-            )  # fmt: skip
+            resp = await from_live_peer(request, self.link.session, peer, d, self.patience)
         else:
             async with asyncio.timeout(d.header_timeout):
                 resp = await request

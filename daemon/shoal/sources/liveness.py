@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import aiohttp
 
@@ -21,6 +21,19 @@ from shoal.registry.protocol import P2P_INFO_PATH
 from shoal.routing.base import Peer
 
 T = TypeVar("T")
+
+
+class Deadlines(Protocol):
+    """What the wait needs of `shoal.sources.download.Deadlines`."""
+
+    @property
+    def header_timeout(self) -> float: ...
+
+    @property
+    def silence(self) -> float: ...
+
+    @property
+    def probe_timeout(self) -> float: ...
 
 
 class Unanswered(TimeoutError):
@@ -65,3 +78,21 @@ async def while_alive(
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+
+
+async def from_live_peer(
+    request: Awaitable[T],
+    session: aiohttp.ClientSession,
+    peer: Peer,
+    deadlines: Deadlines,
+    patience: float,
+) -> T:
+    """`request` to `peer`, waited for up to `patience` while `peer` answers probes: the first
+    after the header deadline, then one per `silence`."""
+    return await while_alive(
+        request,
+        lambda: answers(session, peer, deadlines.probe_timeout),
+        first=deadlines.header_timeout,
+        every=deadlines.silence,
+        limit=patience,
+    )

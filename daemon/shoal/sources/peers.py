@@ -32,7 +32,7 @@ from shoal.routing.base import Peer
 from shoal.sources.download import Deadlines, PeerDownload, RequestSigner
 from shoal.sources.hedge import hedged
 from shoal.sources.holders import Holders
-from shoal.sources.liveness import answers, while_alive
+from shoal.sources.liveness import from_live_peer
 
 log = logging.getLogger("shoal.peers")
 
@@ -256,10 +256,7 @@ class PeerSource:
             if patience is None:
                 resp = await request
             else:  # patient only with a peer that is alive: a crashed one never answers
-                resp = await while_alive(
-                    request, lambda: answers(self.session, peer, d.probe_timeout),
-                    first=d.header_timeout, every=d.silence, limit=patience,
-                )  # fmt: skip
+                resp = await from_live_peer(request, self.session, peer, d, patience)
             resp.release()
             if answered is not None:
                 answered.append(resp.status)
