@@ -16,6 +16,21 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid: int, name: str) -> float:
+    """User + system CPU of the threads of process `pid` that the kernel calls `name` (the
+    routing thread names itself: `shoal.routing.bridge`)."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().strip() != name:
+                continue
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        total += sum(int(v) for v in fields[11:13]) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def reset_peak_rss(pid: int) -> None:
     """Start the process's peak RSS (VmHWM) afresh at its current RSS (`clear_refs` 5)."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")

@@ -46,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import _herd_cpu
-from bench._measure import cpu_seconds, node_arguments, warm_memory
+from bench._measure import cpu_seconds, node_arguments, thread_cpu_seconds, warm_memory
 from bench.rollout import fetch_all
 from tests.harness import images
 from tests.harness.cluster import Cluster, Node
@@ -56,6 +56,11 @@ from tests.harness.registry import Registry
 from tests.harness.runtime import choose
 
 GOAL_REGISTRY, GOAL_SENT, GOAL_FLOOR = 1.1, 3.0, 1.5
+ROUTING_THREAD = "shoal-trio"  # the kernel's name of a shoal's routing thread
+DHT_COUNTERS = (
+    "lookups", "lookup_local_hits", "lookup_store_only", "lookup_queries",
+    "lookup_query_failures", "exchange_timeouts", "announce_streams",
+)  # fmt: skip
 
 
 def containerd_concurrency(node: Node) -> str:
@@ -83,6 +88,8 @@ class Phase:
     cpu_shoal: float
     cpu_containerd: float
     peak_streams: int = 0  # the most GETs one node's shoal answered at once (1 node only)
+    cpu_routing: float = 0.0  # of cpu_shoal: the shoals' routing (libp2p) threads
+    dht: dict[str, float] = field(default_factory=dict)  # DHT counter -> sum over the nodes
 
     def top(self) -> tuple[str, float]:
         if not self.sent:
@@ -126,7 +133,7 @@ class Bench:
             if via_shoal:
                 for node in cluster.nodes:
                     cluster.start_shoal(node)
-                cluster.wait_connected()
+                cluster.wait_settled()  # as a cluster that has run a while
             else:
                 for node in cluster.nodes:
                     node.containerd.write_hosts_toml(self.registry.host)
@@ -140,17 +147,21 @@ class Bench:
         nodes = cluster.nodes
         total = self.image.total_size
 
-        def cpu() -> tuple[float, float]:
-            shoal = sum(cpu_seconds(n.shoal.proc.pid) for n in nodes if n.shoal and n.shoal.proc)
+        shoals = [n.shoal.proc.pid for n in nodes if n.shoal and n.shoal.proc]
+
+        def cpu() -> tuple[float, float, float]:
+            shoal = sum(cpu_seconds(pid) for pid in shoals)
             ctrd = sum(cpu_seconds(n.containerd.proc.pid) for n in nodes if n.containerd.proc)
-            return shoal, ctrd
+            return shoal, ctrd, sum(thread_cpu_seconds(pid, ROUTING_THREAD) for pid in shoals)
 
         warm_memory(self.args.warm_gib)
         peak = Peak(nodes[0]) if via_shoal and len(nodes) == 1 else None
+        # Metric scrapes cost the shoals CPU too: read before the CPU mark and after the last.
+        peers0 = {n.ns.short_name: to_peers(n) for n in nodes}
+        dht0 = dht_counts(nodes) if via_shoal else {}
         mark, cpu0 = self.registry.mark(), cpu()
         reg0 = self.reg_ns.sent_bytes()
         sent0 = {n.ns.short_name: n.ns.sent_bytes() for n in nodes}
-        peers0 = {n.ns.short_name: to_peers(n) for n in nodes}
         if peak:
             peak.start()
         done = fetch_all(nodes, self.ref, via_shoal, "cri")
@@ -161,6 +172,7 @@ class Bench:
         if peak:
             peak.stop()
         cpu1 = cpu()
+        dht = {k: v - dht0[k] for k, v in dht_counts(nodes).items()} if via_shoal else {}
         log = self.registry.access_log(mark)
         by_ip = {n.ns.ip: n.ns.short_name for n in nodes}
         fetched: dict[str, float] = {}
@@ -173,6 +185,7 @@ class Bench:
             sent,
             {n.ns.short_name: (to_peers(n) - peers0[n.ns.short_name]) / total for n in nodes},
             cpu1[0] - cpu0[0], cpu1[1] - cpu0[1], peak.most if peak else 0,
+            cpu1[2] - cpu0[2], dht,
         )  # fmt: skip
         self.report(phase)
         return phase
@@ -186,10 +199,18 @@ class Bench:
             f" registry {p.registry:.2f}x (link {p.registry_link:.2f}x; to {fetchers});"
             f" most sent {most:.2f}x by {name} (its shoal to peers "
             f"{p.to_peers.get(name, 0.0):.2f}x); every node sent [{spread}];"
-            f" CPU s shoal {p.cpu_shoal:.1f}, containerd {p.cpu_containerd:.1f}"
+            f" CPU s shoal {p.cpu_shoal:.1f} (routing threads {p.cpu_routing:.1f}),"
+            f" containerd {p.cpu_containerd:.1f}"
+            + ("; DHT " + ", ".join(f"{k} {v:.0f}" for k, v in p.dht.items()) if p.dht else "")
             + (f"; at most {p.peak_streams} GETs at once" if p.peak_streams else ""),
             flush=True,
         )
+
+
+def dht_counts(nodes: list[Node]) -> dict[str, float]:
+    """The nodes' routing counters (`shoal_routing_*`), summed: what a rollout asks of the DHT."""
+    shoals = [n for n in nodes if n.shoal]
+    return {k: sum(n.metric(f"shoal_routing_{k}_total") for n in shoals) for k in DHT_COUNTERS}
 
 
 def to_peers(node: Node) -> float:

@@ -127,7 +127,7 @@ def main() -> int:
             else:
                 for node in cluster.nodes:
                     cluster.start_shoal(node)
-                cluster.wait_connected()
+                cluster.wait_settled()  # as a cluster that has run a while
 
             def cpu(nodes: list[Node] = cluster.nodes) -> tuple[float, float]:
                 shoal = sum(

@@ -171,6 +171,7 @@ ROUTING_HELP = {
     "connected_peers": "Peers with an open libp2p connection",
     "advertised_keys": "Keys this node announces",
     "stored_records": "Provider records this node stores for others",
+    "table_settled": "1 while lookups are answered from this node's own store (table settled)",
     "loop_lag_max_seconds": "Longest the routing thread's loop woke up late",
     "announce_streams": "Announcement exchanges sent",
     "announce_failures": "Announcement exchanges that failed",
@@ -178,6 +179,7 @@ ROUTING_HELP = {
     "records_received": "Provider records accepted from peers",
     "lookups": "Provider lookups started",
     "lookup_local_hits": "Lookups answered from this node's own record store",
+    "lookup_store_only": "Lookups answered from this node's store alone (its table settled)",
     "lookup_queries": "GET_PROVIDERS queries sent to peers",
     "lookup_query_failures": "Queries to peers (lookups, refreshes) that failed or timed out",
     "exchange_timeouts": "Routing exchanges cut off by their deadline",
@@ -188,6 +190,7 @@ ROUTING_GAUGES = frozenset(
         "connected_peers",
         "advertised_keys",
         "stored_records",
+        "table_settled",
         "loop_lag_max_seconds",
     }
 )

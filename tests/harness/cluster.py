@@ -147,6 +147,18 @@ class Cluster:
         ).start()  # fmt: skip
         return node.shoal
 
+    def wait_settled(self, timeout: float = 60) -> None:
+        """Every shoal's routing table has settled: lookups answer from the node's own store,
+        as on a cluster that has run for a while (shoal.routing.options.lookup_settled_after)."""
+        self.wait_connected(timeout)
+        if len(self.nodes) < 2:
+            return  # alone: nothing to settle
+        for node in self.nodes:
+            wait_until(
+                lambda n=node: n.metric("shoal_routing_table_settled") >= 1, timeout,
+                f"{node.ns.short_name}'s routing table settles",
+            )  # fmt: skip
+
     def wait_connected(self, timeout: float = 60) -> None:
         """Every shoal knows every other one (their routing tables are complete)."""
         want = len(self.nodes) - 1

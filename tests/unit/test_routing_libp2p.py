@@ -372,6 +372,41 @@ async def test_a_miss_asks_two_peers_when_the_table_holds_the_whole_network(
         await stop_all(routers)
 
 
+async def test_a_settled_table_answers_lookups_from_the_store_and_a_newcomer_unsettles_it(
+    tmp_path: Path,
+) -> None:
+    # A rollout's first lookups are all misses: on a settled cluster they must not cost the
+    # network anything, yet a key a peer advertised is still found.
+    options = dataclasses_replace(
+        TEST_OPTIONS, lookup_settled_after=2.0, lookup_hedge_delay=5.0, lookup_peer_timeout=5.0
+    )
+    routers = await libp2p_cluster(tmp_path, 4, options)
+    newcomer = None
+    try:
+        await wait_for(lambda: all(len(r.members()) == 3 for r in routers))
+        a, holder = routers[0], routers[3]
+        await wait_for(lambda: a.stats()["table_settled"] == 1)
+        before = a.stats()["lookup_queries"]
+        assert await found(a, "sha256:" + "ab" * 32) == []
+        key = "sha256:" + "cd" * 32
+        await holder.advertise([key])
+        await wait_for(lambda: a.stats()["stored_records"] >= 1)
+        assert [p.id for p in await found(a, key)] == [holder.node_info().id]
+        assert a.stats()["lookup_queries"] == before  # nobody was asked
+        assert a.stats()["lookup_store_only"] >= 2
+        # A node joins: until the table has held still again, misses walk as before (the
+        # newcomer may hold records this node never got).
+        newcomer = libp2p_router(tmp_path / "late", "127.0.0.9", options)
+        await newcomer.start()
+        assert await newcomer.connect(a.node_info().addrs)
+        await wait_for(lambda: len(a.members()) == 4 and a.stats()["table_settled"] == 0)
+        before = a.stats()["lookup_queries"]
+        assert await found(a, "sha256:" + "ef" * 32) == []
+        assert a.stats()["lookup_queries"] > before
+    finally:
+        await stop_all(routers + ([newcomer] if newcomer else []))
+
+
 async def test_refresh_walks_only_when_a_peer_could_be_missing(tmp_path: Path) -> None:
     routers = await libp2p_cluster(tmp_path, 4)
     try:

@@ -9,6 +9,8 @@ must shield what cancellation would corrupt). A round trip costs ≈250 µs.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -28,6 +30,16 @@ def _settle(fut: asyncio.Future[Any], result: Any = None, exc: BaseException | N
         fut.set_exception(exc)
     else:
         fut.set_result(result)
+
+
+def _name_os_thread(name: str) -> None:
+    """Gives the calling thread `name` in the kernel too (`top -H`, /proc/<pid>/task/*/comm):
+    the routing thread's CPU is then told apart from the event loop's."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME, at most 15 bytes
+    except (OSError, AttributeError):
+        pass  # not Linux: the name is only a convenience
 
 
 class TrioThread:
@@ -55,6 +67,7 @@ class TrioThread:
             raise RuntimeError("trio thread failed to start") from self._error
 
     def _run(self) -> None:
+        _name_os_thread(self._name)
         try:
             trio.run(self._main)
         except (

@@ -39,6 +39,13 @@ class RoutingOptions:
     # we did not know, every record was sent to every node we know: this many answers settle
     # a lookup (more than one, as a node may have missed an announcement).
     lookup_whole_answers: int = 2
+    # Once the table is whole and has held the same peers this long (each had ticks to send
+    # this node its records: at connect, to newcomers, after a reconnect, after a failed
+    # send), a lookup is answered from this node's own store without asking anyone: a walk
+    # would ask peers that store the same records. At the start of a rollout every node
+    # looks up every blob while nobody has it yet; under load those walks timed out (16
+    # nodes: 488 queries, 349 timed out, each lookup holding its pull up to a second).
+    lookup_settled_after: float = 6.0
     # New keys wait this long for more before they go out, as one message per peer: a pull
     # starts its blobs within a few hundred ms, and each message costs every one of up to
     # `replication` peers a few ms of CPU (16 nodes pulling 7 keys each: 1,674 messages, 0.4

@@ -14,7 +14,6 @@ remembered (`holders.Holders`): the next download of the digest restarts from by
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -255,23 +254,20 @@ class PeerDownload:
     async def _next(self, resp: aiohttp.ClientResponse, peer: Peer, limit: float) -> bytes:
         """The next piece of the body (b"" at its end), waiting only while `peer` is alive."""
         d = self.link.deadlines
-        read = asyncio.ensure_future(resp.content.read(CHUNK))
         silent = 0.0
-        try:
-            while True:
-                done, _ = await asyncio.wait({read}, timeout=d.silence)
-                if done:
-                    return read.result()
-                silent += d.silence
-                if silent >= limit:
-                    raise Stalled(f"peer {peer.address} sent nothing for {silent:.0f}s")
-                if not await self._alive(peer):
-                    raise Stalled(f"peer {peer.address} went silent and does not answer")
-        finally:
-            if not read.done():
-                read.cancel()
-                with contextlib.suppress(BaseException):
-                    await read
+        while True:
+            # No task per piece (this runs for every few KiB a peer sends): a read cancelled
+            # while it waits has taken nothing from the buffer, so the next one loses nothing.
+            try:
+                async with asyncio.timeout(d.silence):
+                    return await resp.content.read(CHUNK)
+            except TimeoutError:
+                pass
+            silent += d.silence
+            if silent >= limit:
+                raise Stalled(f"peer {peer.address} sent nothing for {silent:.0f}s")
+            if not await self._alive(peer):
+                raise Stalled(f"peer {peer.address} went silent and does not answer")
 
     async def _alive(self, peer: Peer) -> bool:
         """Whether `peer` answers a HEAD for this content at once (on its own connection)."""

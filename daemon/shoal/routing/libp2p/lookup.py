@@ -62,11 +62,14 @@ class ProviderSearch:
             return 0
         if use_local and self._local():
             return self.found
-        try:
-            await self._walk()
-        finally:
-            self._send.close()
-            self._recv.close()
+        if use_local and self.membership.table_is_settled(trio.current_time()):
+            self.counters.lookup_store_only += 1
+        else:
+            try:
+                await self._walk()
+            finally:
+                self._send.close()
+                self._recv.close()
         for info in self.held:
             if self.found >= self.limit:
                 break

@@ -26,6 +26,8 @@ class Membership:
         self._next_refresh = 0.0
         self._refresh_interval = self.options.tick_interval
         self._last_rt_size = -1
+        self._table: frozenset[ID] = frozenset()
+        self._table_since: float | None = None  # None until the first sample (an empty store)
 
     def dht_peers(self) -> list[ID]:
         """Announce targets: known DHT servers, less those that failed twice in a row lately
@@ -39,7 +41,10 @@ class Membership:
         dht, host = self.host.kad, self.host.host
         store = host.get_peerstore()
         now = trio.current_time()
-        peers = set(dht.routing_table.get_peer_ids()) | set(host.get_connected_peers())
+        table = frozenset(dht.routing_table.get_peer_ids())
+        if table != self._table or self._table_since is None:
+            self._table, self._table_since = table, now
+        peers = set(table) | set(host.get_connected_peers())
         for peer in peers:
             try:
                 ip = next((i for i in map(ip_of, store.addrs(peer)) if i), None)
@@ -57,6 +62,7 @@ class Membership:
             connected=len(host.get_connected_peers()),
             keys=keys,
             stored_records=dht.provider_store.size(),
+            table_settled=int(self.table_is_settled(now)),
             members=tuple(sorted(members)),
         )
 
@@ -71,7 +77,21 @@ class Membership:
                 out.append(peer)
             if ids:
                 self._conn_ids[peer] = ids
+        if out:  # they re-send us their records too
+            self._table_since = trio.current_time()
         return out
+
+    def table_is_settled(self, now: float) -> bool:
+        """Whole, with the same peers (none of them reconnected) for `lookup_settled_after`
+        seconds: this node stores every record a walk could find (see options)."""
+        settle, since = self.options.lookup_settled_after, self._table_since
+        return (
+            settle >= 0
+            and since is not None
+            and bool(self._table)
+            and now - since >= settle
+            and self.table_is_whole()
+        )
 
     def table_is_whole(self) -> bool:
         """Fewer peers known than `replication`: each of our records went to all of them, and

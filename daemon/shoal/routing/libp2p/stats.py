@@ -13,6 +13,7 @@ class NodeStats:
     connected: int = 0
     keys: int = 0
     stored_records: int = 0
+    table_settled: int = 0  # 1: lookups are answered from this node's store (see options)
     # (peer ID, IP) of routing-table peers: the cluster members this node knows.
     members: tuple[tuple[str, str], ...] = ()
 
@@ -25,6 +26,7 @@ class Counters:
     records_received: int = 0
     lookups: int = 0
     lookup_local_hits: int = 0
+    lookup_store_only: int = 0
     lookup_queries: int = 0
     lookup_query_failures: int = 0
     exchange_timeouts: int = 0
