@@ -6,8 +6,9 @@ does instead).
         [--designs star,tree] [--fanout 2] [--runs 1] [--warm-gib 4] [--shoal-arg=...]
         [--containerd 2.3.7]      (or SHOAL_CONTAINERD=<version>; see tests/harness/runtime.py)
 
-Per run, each phase on fresh containerd stores and fresh shoals, nodes pulling through CRI
-PullImage as the kubelet does:
+Per run, each phase on fresh containerd stores and fresh shoals, started once every shoal's
+routing table has settled (`shoal_routing_table_settled`, as on a cluster that has run a
+while), nodes pulling through CRI PullImage as the kubelet does:
 - floor:  all N nodes straight from the registry with no link limit anywhere: the fastest N
           simultaneous pulls this host's cores allow (as bench/rollout.py's last row);
 - 1 node: one node alone through its shoal, its link and the registry's capped;
@@ -22,7 +23,8 @@ registry's blob bytes / image (its access log; its link's bytes next to it), and
 node sent over its link / image: every packet it sent during the phase, blob bodies, ACKs of
 what it received, DHT and HEADs alike (nothing subtracted), the most and which node, with that
 node's shoal's own count of body bytes sent to peers (shoal_bytes_to_peers_total). CPU seconds
-of the shoals and containerds, since all nodes share this host's cores.
+of the shoals (and of that their routing threads) and containerds, since all nodes share this
+host's cores, and what the rollout asked of the DHT (the shoals' routing counters, summed).
 Goals (issue 15): registry <= 1.1x the image, no node sends > 3x, the last node done <= 1.5x the
 floor.
 With the tree, each run also has a pair phase: 2 nodes capped, one relaying the image to the

@@ -10,7 +10,8 @@ Four runs in one go, each on fresh containerd stores, printed side by side:
 - shoal, N:     all nodes at once, each through its own shoal;
 - direct, no limit: every node straight from the registry with the link unshaped: the
                 fastest N simultaneous pulls can be on this host (its CPU is the limit).
-Each node is a network namespace with its own containerd and shoal; the registry has a
+Each node is a network namespace with its own containerd and shoal (the shoals' routing tables
+settled before the pull, as on a cluster that has run a while); the registry has a
 namespace of its own whose link is shaped with tbf. Before each run, `--warm-gib` GiB of memory
 are written and freed: this VM hands freed memory back to its host after some seconds, and the
 first write to such a page costs several times a normal one (README, "The rollout bench"). 8
