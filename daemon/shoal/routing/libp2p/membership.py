@@ -91,6 +91,8 @@ class Membership:
             and bool(self._table)
             and now - since >= settle
             and self.table_is_whole()
+            # a peer that joined since the last tick's sample unsettles it at once
+            and frozenset(self.host.kad.routing_table.get_peer_ids()) == self._table
         )
 
     def table_is_whole(self) -> bool:
