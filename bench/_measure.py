@@ -10,10 +10,15 @@ import sys
 from pathlib import Path
 
 
+def _stat_seconds(stat: Path, fields: slice) -> float:
+    """Seconds from the clock-tick `fields` of a /proc stat file (after the command name)."""
+    values = stat.read_text().rsplit(")", 1)[1].split()[fields]
+    return sum(int(v) for v in values) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process (all its threads) and its reaped children, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return _stat_seconds(Path(f"/proc/{pid}/stat"), slice(11, 15))
 
 
 def thread_cpu_seconds(pid: int, name: str) -> float:
@@ -22,12 +27,10 @@ def thread_cpu_seconds(pid: int, name: str) -> float:
     total = 0.0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            if (task / "comm").read_text().strip() != name:
-                continue
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            if (task / "comm").read_text().strip() == name:
+                total += _stat_seconds(task / "stat", slice(11, 13))  # utime, stime
         except OSError:  # the thread ended meanwhile
             continue
-        total += sum(int(v) for v in fields[11:13]) / os.sysconf("SC_CLK_TCK")
     return total
 
 

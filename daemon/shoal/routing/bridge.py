@@ -12,6 +12,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -35,11 +36,10 @@ def _settle(fut: asyncio.Future[Any], result: Any = None, exc: BaseException | N
 def _name_os_thread(name: str) -> None:
     """Gives the calling thread `name` in the kernel too (`top -H`, /proc/<pid>/task/*/comm):
     the routing thread's CPU is then told apart from the event loop's."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME, at most 15 bytes
-    except (OSError, AttributeError):
-        pass  # not Linux: the name is only a convenience
+    if not sys.platform.startswith("linux"):
+        return  # prctl is Linux's; elsewhere the Python thread name is all there is
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME, at most 15 bytes
 
 
 class TrioThread:

@@ -44,7 +44,8 @@ class RoutingOptions:
     # send), a lookup is answered from this node's own store without asking anyone: a walk
     # would ask peers that store the same records. At the start of a rollout every node
     # looks up every blob while nobody has it yet; under load those walks timed out (16
-    # nodes: 488 queries, 349 timed out, each lookup holding its pull up to a second).
+    # nodes: 1,007 queries; with a 0.25 s hedge 488, 349 of them timed out, each lookup
+    # holding its pull up to a second).
     lookup_settled_after: float = 6.0
     # New keys wait this long for more before they go out, as one message per peer: a pull
     # starts its blobs within a few hundred ms, and each message costs every one of up to
