@@ -42,6 +42,8 @@ log = logging.getLogger("shoal.catalog")
 
 # Events come in bursts (a pull creates up to three image records): one rebuild per burst.
 DEBOUNCE = 0.3
+# s before a rebuild that failed on a fault of ours is retried (doubling while it keeps failing)
+FAULT_PAUSE, FAULT_PAUSE_MAX = 1.0, 300.0
 
 
 class StoreListener(Protocol):
@@ -172,7 +174,8 @@ class Catalog:
         for digest in list(self._committed):
             if not await self.holds(self.client, digest):
                 self._committed.discard(digest)
-        return {d for d in self._committed if await self._shareable(d)}
+        # A copy: the sharing check awaits, and containerd may report more blobs meanwhile.
+        return {d for d in list(self._committed) if await self._shareable(d)}
 
     async def add_committed(self) -> None:
         """Advertises the blobs containerd reported committed, without re-reading the store."""
@@ -257,6 +260,7 @@ class Catalog:
             self.listener.stream_down()
 
     async def _rebuild_loop(self) -> None:
+        pause = FAULT_PAUSE
         while True:
             # Content events are frequent and need no full rebuild: the timer is not reset by them.
             left = self.resync_interval - (time.monotonic() - self._synced_at)
@@ -274,6 +278,15 @@ class Catalog:
                 self._full = True
                 self._dirty.set()
                 await asyncio.sleep(1)
+            except Exception:
+                # A fault of ours: one rebuild lost, not the node's advertising for good.
+                log.exception("catalog rebuild failed; a full one follows in %.0f s", pause)
+                self._full = True
+                self._dirty.set()
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, FAULT_PAUSE_MAX)
+            else:
+                pause = FAULT_PAUSE
 
     async def run(self) -> None:
         """Runs until cancelled: the event watcher and the rebuild loop."""

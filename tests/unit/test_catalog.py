@@ -156,6 +156,52 @@ async def test_a_committed_blob_is_advertised_only_when_it_may_be_shared() -> No
     assert await providers(observer, "sha256:private") == ["me"]
 
 
+async def test_a_blob_committed_while_a_rebuild_checks_sharing_does_not_stop_the_catalog() -> None:
+    """The sharing check awaits (tenancy asks the registry); containerd reports another
+    committed blob meanwhile. The rebuild in progress must still finish, and advertise both
+    (the soak found the catalog stopped: the set changed size while it was iterated)."""
+    router, observer = await routers()
+    store = Store()
+    store.blobs |= {"sha256:first", "sha256:second"}
+
+    async def shareable(digest: str) -> bool:
+        if digest == "sha256:first" and "sha256:second" not in catalog._committed:
+            await catalog._on_event(content_create("sha256:second"))  # arrives mid-check
+        await asyncio.sleep(0)
+        return True
+
+    catalog = Catalog(None, router, 3600, read_keys=store.read_keys, holds=store.holds,  # type: ignore[arg-type]
+                      shareable=shareable)  # fmt: skip
+    await catalog._on_event(content_create("sha256:first"))
+    await catalog.sync()
+    await catalog.sync()  # the next rebuild picks up what arrived during the last
+    assert await providers(observer, "sha256:first") == ["me"]
+    assert await providers(observer, "sha256:second") == ["me"]
+
+
+async def test_a_rebuild_that_fails_on_a_fault_of_ours_is_retried_not_the_end_of_advertising(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    router, observer = await routers()
+    store = Store("sha256:old")
+    faults = [RuntimeError("a bug")]
+
+    async def read_keys(client: object) -> set[str]:
+        if faults:
+            raise faults.pop()
+        return await store.read_keys(client)
+
+    catalog = Catalog(None, router, 0.2, read_keys=read_keys, holds=store.holds)  # type: ignore[arg-type]
+    loop = asyncio.create_task(catalog._rebuild_loop())
+    try:
+        async with asyncio.timeout(10):
+            while await providers(observer, "sha256:old") != ["me"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    finally:
+        loop.cancel()
+    assert not faults and "catalog rebuild failed" in caplog.text  # said once, with its cause
+
+
 async def test_content_events_advertise_promptly_and_never_delay_the_resync() -> None:
     router, observer = await routers()
     store = Store("sha256:old")
