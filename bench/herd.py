@@ -38,10 +38,12 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +60,7 @@ from tests.harness.registry import Registry
 from tests.harness.runtime import choose
 
 GOAL_REGISTRY, GOAL_SENT, GOAL_FLOOR = 1.1, 3.0, 1.5
+IDLE_SAMPLE = 2.0  # s the settled cluster's steady CPU is sampled before the pulls
 ROUTING_THREAD = "shoal-trio"  # the kernel's name of a shoal's routing thread
 DHT_COUNTERS = (
     "lookups", "lookup_local_hits", "lookup_store_only", "lookup_queries",
@@ -92,6 +95,11 @@ class Phase:
     peak_streams: int = 0  # the most GETs one node's shoal answered at once (1 node only)
     cpu_routing: float = 0.0  # of cpu_shoal: the shoals' routing (libp2p) threads
     dht: dict[str, float] = field(default_factory=dict)  # DHT counter -> sum over the nodes
+    # Node -> (its shoal's CPU-s, its containerd's) over the pulls.
+    cpu_by_node: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # The shoals' CPU-s per second on the settled cluster just before the pulls (all threads,
+    # routing threads): their steady work, whatever moves.
+    idle: tuple[float, float] = (0.0, 0.0)
 
     def top(self) -> tuple[str, float]:
         if not self.sent:
@@ -156,24 +164,45 @@ class Bench:
             ctrd = sum(cpu_seconds(n.containerd.proc.pid) for n in nodes if n.containerd.proc)
             return shoal, ctrd, sum(thread_cpu_seconds(pid, ROUTING_THREAD) for pid in shoals)
 
+        def by_node() -> dict[str, tuple[float, float]]:
+            return {
+                n.ns.short_name: (
+                    cpu_seconds(n.shoal.proc.pid) if n.shoal and n.shoal.proc else 0.0,
+                    cpu_seconds(n.containerd.proc.pid) if n.containerd.proc else 0.0,
+                )
+                for n in nodes
+            }
+
         warm_memory(self.args.warm_gib)
+        idle = (0.0, 0.0)
+        if via_shoal:
+            before = cpu()
+            time.sleep(IDLE_SAMPLE)
+            after = cpu()
+            idle = ((after[0] - before[0]) / IDLE_SAMPLE, (after[2] - before[2]) / IDLE_SAMPLE)
         peak = Peak(nodes[0]) if via_shoal and len(nodes) == 1 else None
         # Metric scrapes cost the shoals CPU too: read before the CPU mark and after the last.
         peers0 = {n.ns.short_name: to_peers(n) for n in nodes}
         dht0 = dht_counts(nodes) if via_shoal else {}
-        mark, cpu0 = self.registry.mark(), cpu()
+        mark, cpu0, nodes0 = self.registry.mark(), cpu(), by_node()
         reg0 = self.reg_ns.sent_bytes()
         sent0 = {n.ns.short_name: n.ns.sent_bytes() for n in nodes}
         if peak:
             peak.start()
-        done = fetch_all(nodes, self.ref, via_shoal, "cri")
+        spies = profile(self.args.profile, label, shoals)
+        try:
+            done = fetch_all(nodes, self.ref, via_shoal, "cri")
+        finally:
+            for spy in spies:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its samples on SIGINT
+                spy.wait(timeout=60)
         # Counters first: the metric reads below cross the links too.
         sent = {n.ns.short_name: (n.ns.sent_bytes() - sent0[n.ns.short_name]) / total
                 for n in nodes}  # fmt: skip
         reg_link = (self.reg_ns.sent_bytes() - reg0) / total
         if peak:
             peak.stop()
-        cpu1 = cpu()
+        cpu1, nodes1 = cpu(), by_node()
         dht = {k: v - dht0[k] for k, v in dht_counts(nodes).items()} if via_shoal else {}
         log = self.registry.access_log(mark)
         by_ip = {n.ns.ip: n.ns.short_name for n in nodes}
@@ -188,6 +217,7 @@ class Bench:
             {n.ns.short_name: (to_peers(n) - peers0[n.ns.short_name]) / total for n in nodes},
             cpu1[0] - cpu0[0], cpu1[1] - cpu0[1], peak.most if peak else 0,
             cpu1[2] - cpu0[2], dht,
+            {k: (v[0] - nodes0[k][0], v[1] - nodes0[k][1]) for k, v in nodes1.items()}, idle,
         )  # fmt: skip
         self.report(phase)
         return phase
@@ -204,9 +234,34 @@ class Bench:
             f" CPU s shoal {p.cpu_shoal:.1f} (routing threads {p.cpu_routing:.1f}),"
             f" containerd {p.cpu_containerd:.1f}"
             + ("; DHT " + ", ".join(f"{k} {v:.0f}" for k, v in p.dht.items()) if p.dht else "")
-            + (f"; at most {p.peak_streams} GETs at once" if p.peak_streams else ""),
+            + (f"; at most {p.peak_streams} GETs at once" if p.peak_streams else "")
+            + (
+                f"; idle before: shoals {p.idle[0]:.3f} CPU-s/s (routing {p.idle[1]:.3f})"
+                if p.idle[0]
+                else ""
+            ),
             flush=True,
         )
+
+
+def profile(where: Path | None, label: str, pids: list[int]) -> list[subprocess.Popen[bytes]]:
+    """With --profile: py-spy sampling each shoal while the nodes pull (collapsed stacks per
+    process, threads apart, idle frames left out: where the CPU went). It costs CPU itself, so
+    a profiled phase's times are not measurements."""
+    if where is None or not pids:
+        return []
+    spy = shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("--profile needs py-spy on PATH (pip install py-spy)")
+    where.mkdir(parents=True, exist_ok=True)
+    tag = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+    def record(pid: int) -> list[str]:
+        return [spy, "record", "--pid", str(pid), "--rate", "50", "--threads", "--nonblocking",
+                "--format", "raw", "--output", str(where / f"{tag}.{pid}.txt")]  # fmt: skip
+
+    quiet = subprocess.DEVNULL
+    return [subprocess.Popen(record(pid), stdout=quiet, stderr=quiet) for pid in pids]
 
 
 def dht_counts(nodes: list[Node]) -> dict[str, float]:
@@ -253,6 +308,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--designs", default="star,tree", help="comma-separated: star, tree")
     parser.add_argument("--fanout", type=int, default=2, help="tree: --herd-fanout K")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="directory for py-spy samples of every shoal per phase")  # fmt: skip
     node_arguments(parser, "--herd-fanout=3")
     args = parser.parse_args()
     args.designs = [d.strip() for d in args.designs.split(",") if d.strip()]
@@ -360,6 +417,17 @@ def summary(bench: Bench, designs: dict[str, list[str]]) -> None:
                   + model_command(args, run))  # fmt: skip
 
 
+def pair_nodes(pair: Phase) -> tuple[float, float, float] | None:
+    """The pair per node: (the relay's shoal CPU-s, the receiver's, both containerds'); the
+    relay is the node whose shoal sent the image to the other."""
+    if len(pair.cpu_by_node) != 2 or not pair.to_peers:
+        return None
+    relay = max(pair.to_peers, key=lambda n: pair.to_peers[n])
+    (other,) = set(pair.cpu_by_node) - {relay}
+    ctrd = sum(c for _, c in pair.cpu_by_node.values())
+    return pair.cpu_by_node[relay][0], pair.cpu_by_node[other][0], ctrd
+
+
 def model_command(args: argparse.Namespace, run: dict[str, Phase]) -> str:
     """bench/herd_model.py checking this run's tree and star, its CPU calibrated by the floor,
     1-node and star phases (the star: the bytes all shoals sent to peers, in images)."""
@@ -378,6 +446,10 @@ def model_command(args: argparse.Namespace, run: dict[str, Phase]) -> str:
         star=(star.took, star.cpu_shoal, sum(star.to_peers.values())),
         tree=run["tree"].took,
         pair=(run["pair"].cpu_shoal, sum(run["pair"].to_peers.values())) if "pair" in run else None,
+        pair_nodes=pair_nodes(run["pair"]) if "pair" in run else None,
+        routing=(star.idle[0], star.idle[1], star.cpu_routing, star.dht["announce_streams"])
+        if star.dht
+        else None,
         extra=tuple(extra),
     )
 

@@ -25,7 +25,12 @@ What is modelled (docs/herd.md says why each choice):
   `--holdback-ms` after both it has all bytes and its parent ended the response;
 - rates are max-min fair over every uplink, downlink and CPU cap (the host's cores weighted
   by each flow's CPU per byte), with cut-through as a constraint (a child caught up with its
-  parent moves at most at the parent's rate).
+  parent moves at most at the parent's rate);
+- the cores also carry work not tied to bytes: every shoal's steady routing work
+  (`--cpu-idle` per node per second) and the announcements (`--announce-rounds` batches from
+  each node to each of its min(N-1, 20) closest peers, `--cpu-message` each), spread evenly
+  over the rollout (`solve` re-runs the model until the rollout's length and the cores that
+  work takes agree).
 The fluid state advances from event to event (an ask, a stream's start or end, a catch-up),
 but never by less than `--step-ms`: events closer than that share one rate computation.
 """
@@ -40,7 +45,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +60,7 @@ from shoal.herd.policy import MAX_UPSTREAM, Fanout, Slot, Walk, upstream_chain  
 
 MIB = 1 << 20
 REGISTRY = -2  # a flow's parent when it comes from the registry
+REPLICATION = 20  # peers each record goes to (shoal's routing replication factor)
 NONE = -1
 _CHAIN_DEPTH_LIMIT = 4096  # a guard against a loop in the model's own bookkeeping
 
@@ -76,6 +82,13 @@ class Params:
     host_cores: float = math.inf  # cores all nodes share (one host)
     cpu_recv: float = 0.0  # CPU-s per MB a flow costs at its child (containerd + shoal)
     cpu_send: float = 0.0  # CPU-s per MB more at its parent when that is a node (shoal)
+    # CPU not tied to bytes: every shoal's steady work (routing ticks), per node per second,
+    # and announcements: `announce_rounds` batches a node sends to each of its min(N-1,
+    # REPLICATION) closest peers, each costing `cpu_message` CPU-s (sender and receiver).
+    cpu_idle: float = 0.0
+    cpu_message: float = 0.0
+    announce_rounds: float = 0.0
+    cpu_busy: float = 0.0  # cores taken by that work: set by `solve`, not by hand
     deadline: float = 4.0  # shoal's Deadlines: 2 s of silence, then a 2 s probe
     dead_ask: float = 0.25  # an ask to a dead node: the hedge moves on after 250 ms
     retry: float = 0.1  # everyone full, spares too: ask again after this
@@ -85,6 +98,16 @@ class Params:
     kill_at: float | None = None  # the busiest node (not the fetcher) dies then
     overhead: float = 0.0  # s a real pull spends off the link (manifest, the last unpack)
     max_time: float = 1e6
+
+    @property
+    def messages(self) -> float:
+        """Announcements a rollout sends: each node tells its closest peers (README, "Peers")."""
+        return self.announce_rounds * self.nodes * min(self.nodes - 1, REPLICATION)
+
+    @property
+    def fixed_work(self) -> float:
+        """CPU-s the rollout costs besides its bytes, but the steady per-second part."""
+        return self.messages * self.cpu_message
 
 
 @dataclass
@@ -102,6 +125,24 @@ class Result:
     steps: int = 0
     wall: float = 0.0
     sent: list[float] = field(default_factory=list, repr=False)
+
+
+def solve(p: Params) -> Result:
+    """Runs the model with its fixed CPU work (announcements) spread evenly over the rollout:
+    the cores it takes depend on how long the rollout lasts, so a few runs find where the two
+    agree."""
+    if not math.isfinite(p.host_cores) or p.fixed_work <= 0:
+        return Model(p).run()
+    busy = 0.0
+    for _ in range(8):
+        r = Model(replace(p, cpu_busy=busy)).run()
+        if not math.isfinite(r.time):
+            return r
+        new = p.fixed_work / max(r.time - p.overhead, 1e-3)
+        if abs(new - busy) <= 0.005 * p.host_cores:
+            return r
+        busy = (busy + new) / 2  # damped: the time falls as the busy share does
+    return r
 
 
 def designated(names: Sequence[str], key: str) -> int:
@@ -158,9 +199,16 @@ class Model:
         down = min(rate, p.node_mbps * 1e6)
         # Caps in bytes/s, the CPU's in CPU-s/s (its weights are CPU-s per byte).
         self.caps = np.concatenate(
-            [np.full(n, rate), np.full(n, down), [rate, p.host_mbps * 1e6, p.host_cores, math.inf]]
+            [np.full(n, rate), np.full(n, down), [rate, p.host_mbps * 1e6, self.cores(), math.inf]]
         )
         self.R_REG, self.R_HOST, self.R_CPU, self.R_NONE = 2 * n, 2 * n + 1, 2 * n + 2, 2 * n + 3
+
+    def cores(self) -> float:
+        """What the flows have of the host's cores: the rest does work not tied to bytes (never
+        less than 5% of them, so a model drowned in it still ends)."""
+        p = self.p
+        busy = p.cpu_idle * p.nodes + p.cpu_busy
+        return max(p.host_cores - busy, 0.05 * p.host_cores)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -562,6 +610,43 @@ def plot(results: dict[tuple[int, int], Result], alone: float, path: Path) -> No
     fig.savefig(path)
 
 
+def calibration(
+    c: dict[str, float], cost: _herd_cpu.CpuCost, image_mb: float, overhead: float, link: float
+) -> str:
+    """What the calibration took from which phase of the bench."""
+    nodes = c["nodes"]
+    if "pair_relay" in c:
+        ctrd = f"the pair: {c['pair_ctrd']:g} CPU-s for 2 images"
+        recv = f"the pair's receiving node: {c['pair_recv']:g} CPU-s"
+        send = f"the pair's relay: {c['pair_relay']:g} CPU-s, {c['pair_sent']:g} images sent"
+    else:
+        which, senders = ("pair", 2) if "pair_shoal" in c else ("star", nodes)
+        ctrd = f"floor: {c['floor_ctrd']:g} CPU-s for {nodes:g} images in {c['floor']:g} s"
+        recv = f"1 node: {c['alone_shoal']:g} CPU-s"
+        send = (f"{which}: {c[which + '_shoal']:g} CPU-s, "
+                f"{senders * cost.shoal_recv * image_mb:.1f} of them receiving, "
+                f"{c[which + '_sent']:g} images sent to peers")  # fmt: skip
+    lines = [
+        f"calibrated ({image_mb:.1f} MB image), CPU-s per MB:",
+        f"  containerd receiving {cost.ctrd:.5f} ({ctrd})",
+        f"  shoal receiving {cost.shoal_recv:.5f} ({recv})",
+        f"  shoal sending {cost.send:.5f} ({send})",
+        f"  a flow: {cost.recv:.5f} at its child, + {cost.send:.5f} at a node parent; "
+        f"{cost.cores:g} cores shared",
+    ]
+    if "idle" in c:
+        lines += [
+            f"  besides the bytes: {cost.idle:.4f} CPU-s per node per s (idle cluster: "
+            f"{c['idle']:g} CPU-s/s, routing {c['idle_routing']:g})",
+            f"  {cost.message * 1e3:.2f} ms CPU per announcement (star: {c['star_msgs']:g} "
+            f"messages, routing {c['star_routing']:g} CPU-s in {c['star']:g} s), "
+            f"{cost.rounds:.2f} rounds per node and peer",
+        ]
+    lines.append(f"  overhead {overhead:.2f} s (1 node measured {c['alone']:g} s, on the link "
+                 f"{link:.2f} s)")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--nodes", default="16,100,1000,5000")
@@ -610,11 +695,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="CPU-s per MB a flow costs at its parent, when that is a node (shoal sending)",
     )
     ap.add_argument(
+        "--cpu-idle",
+        type=float,
+        default=0.0,
+        help="CPU-s per node per second not tied to bytes (routing ticks)",
+    )
+    ap.add_argument("--cpu-message", type=float, default=0.0, help="CPU-s per announcement message")
+    ap.add_argument(
+        "--announce-rounds",
+        type=float,
+        default=0.0,
+        help="announcement batches each node sends each of its closest peers per rollout",
+    )
+    ap.add_argument(
         "--calibrate-cpu",
         default="",
         help="floor=S,floor_ctrd=CPU,alone=S,alone_shoal=CPU,star_shoal=CPU,star_sent=X"
-        "[,nodes=16,cores=2]: the real bench's floor, 1-node and star phases set the CPU "
-        "costs, --host-cores and --overhead-s (docs/herd.md; bench/herd.py prints this)",
+        "[,pair_...,idle=...,nodes=16,cores=2]: the real bench's floor, 1-node, pair and star "
+        "phases set the CPU costs, --host-cores and --overhead-s (docs/herd.md; bench/herd.py "
+        "prints this)",
     )
     ap.add_argument(
         "--deadline",
@@ -639,6 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rtt=a.rtt_ms / 1e3, holdback=a.holdback_ms / 1e3, jitter=a.jitter_ms / 1e3,
             concurrent=a.concurrent, node_mbps=a.node_mbps, host_mbps=a.host_mbps,
             host_cores=a.host_cores, cpu_recv=a.cpu_recv, cpu_send=a.cpu_send,
+            cpu_idle=a.cpu_idle, cpu_message=a.cpu_message, announce_rounds=a.announce_rounds,
             deadline=a.deadline, step=a.step_ms / 1e3, seed=a.seed, overhead=a.overhead_s,
             **kw,  # type: ignore[arg-type]
         )  # fmt: skip
@@ -651,34 +751,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         image_mb = a.mib * MIB / 1e6
         cost = _herd_cpu.costs(c, image_mb)
         a.host_cores, a.cpu_recv, a.cpu_send = cost.cores, cost.recv, cost.send
-        link_alone = Model(params(1, 0)).run().time - a.overhead_s
+        a.cpu_idle, a.cpu_message, a.announce_rounds = cost.idle, cost.message, cost.rounds
+        link_alone = solve(params(1, 0)).time - a.overhead_s
         a.overhead_s = max(0.0, c["alone"] - link_alone)
-        nodes = c["nodes"]
-        which, senders = ("pair", 2) if "pair_shoal" in c else ("star", nodes)
-        print(
-            f"calibrated ({image_mb:.1f} MB image), CPU-s per MB:\n"
-            f"  containerd receiving {cost.ctrd:.5f} (floor: {c['floor_ctrd']:g} CPU-s for "
-            f"{nodes:g} images in {c['floor']:g} s)\n"
-            f"  shoal receiving {cost.shoal_recv:.5f} (1 node: {c['alone_shoal']:g} CPU-s)\n"
-            f"  shoal sending {cost.send:.5f} ({which}: {c[which + '_shoal']:g} CPU-s, "
-            f"{senders * cost.shoal_recv * image_mb:.1f} of them receiving, "
-            f"{c[which + '_sent']:g} images sent to peers)\n"
-            f"  a flow: {cost.recv:.5f} at its child, + {cost.send:.5f} at a node parent; "
-            f"{cost.cores:g} cores shared\n"
-            f"  overhead {a.overhead_s:.2f} s (1 node measured {c['alone']:g} s, "
-            f"on the link {link_alone:.2f} s)"
-        )
+        print(calibration(c, cost, image_mb, a.overhead_s, link_alone))
 
     sizes = [int(x) for x in a.nodes.split(",")]
     fanouts = [int(x) for x in a.fanout.split(",")]
     started = time.perf_counter()
-    alone = Model(params(1, 0)).run().time
+    alone = solve(params(1, 0)).time
+    besides = (
+        f"; besides the bytes {a.cpu_idle:g} CPU-s per node per s and {a.cpu_message:g} per "
+        f"announcement, {a.announce_rounds:g} rounds"
+        if a.cpu_idle or a.cpu_message
+        else ""
+    )
     print(
         f"herd model: {a.mib:g} MiB image in {a.layers} layers; every uplink and downlink "
         f"{a.rate_mbit:g} Mbit/s (the registry's uplink too); RTT {a.rtt_ms:g} ms, hold-back "
         f"{a.holdback_ms:g} ms per hop, {a.concurrent} layer downloads per node, node CPU "
         f"{a.node_mbps:g} MB/s, host {a.host_mbps:g} MB/s, {a.host_cores:g} cores (CPU-s/MB "
         f"{a.cpu_recv:g} receiving, {a.cpu_send:g} sending), step {a.step_ms:g} ms, seed {a.seed}"
+        + besides
     )
     print(f"one node alone: {alone:.2f} s\n")
     results: dict[tuple[int, int], Result] = {}
@@ -688,7 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("-" * len(head))
     for fanout in fanouts:
         for n in sizes:
-            r = Model(params(n, fanout)).run()
+            r = solve(params(n, fanout))
             results[(n, fanout)] = r
             base = results[(sizes[0], fanout)].time
             print(
@@ -718,7 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for f in trees:
             for n in sizes:
                 ref = results[(n, f)]
-                r = Model(params(n, f, kill_at=(ref.time - a.overhead_s) / 2)).run()
+                r = solve(params(n, f, kill_at=(ref.time - a.overhead_s) / 2))
                 print(
                     f"{design(f):<15} {n:>5} {r.time:>9.2f} s, {r.time - ref.time:+.2f} s; "
                     f"node with {r.killed_streams} streams killed, {r.reattached} streams "

@@ -126,3 +126,58 @@ def test_the_bench_fills_the_model_command_with_its_own_phases() -> None:
     ]  # fmt: skip
     run_["pair"] = phase(2.9, 1.31, 0.6, {"a": 1.0, "b": 0.01})
     assert "star_sent=15.00,pair_shoal=1.31,pair_sent=1.01" in herd.model_command(args, run_)
+
+
+def test_work_not_tied_to_bytes_takes_the_cores_for_the_rollout() -> None:
+    recv, cores = 0.02, 2.0
+    plain = run(nodes=16, fanout=2, host_cores=cores, cpu_recv=recv)
+    # 16 nodes each telling 15 peers 4 times, 5 ms each: 4.8 CPU-s on top of the bytes.
+    kw = {"nodes": 16, "fanout": 2, "host_cores": cores, "cpu_recv": recv}
+    busy = herd_model.solve(Params(mib=8, layers=4, announce_rounds=4, cpu_message=0.005, **kw))
+    assert busy.params.messages == 16 * 15 * 4
+    bytes_work = 16 * recv * 8 * MIB / 1e6
+    assert busy.time == pytest.approx((bytes_work + 4.8) / cores, rel=0.1)
+    assert busy.time > plain.time + 0.8 * 4.8 / cores
+    # A steady 0.05 CPU-s per node per second leaves the flows 2 - 0.8 cores.
+    steady = run(cpu_idle=0.05, **kw)
+    assert steady.time == pytest.approx(bytes_work / (cores - 0.8), rel=0.1)
+    # Past 20 nodes a record goes to the 20 closest only, so messages grow with N, not N^2.
+    assert Params(nodes=1000, announce_rounds=4).messages == 4 * 1000 * 20
+    # Without shared cores it changes nothing.
+    free = {"nodes": 16, "fanout": 2, "announce_rounds": 4, "cpu_message": 0.005}
+    assert herd_model.solve(Params(mib=8, layers=4, **free)).time == run(nodes=16, fanout=2).time
+
+
+def test_the_pair_per_node_and_the_idle_cluster_calibrate_all_costs() -> None:
+    base = "floor=2.5,floor_ctrd=4,alone=2.6,alone_shoal=0.9,star_shoal=20,star_sent=15"
+    pair = ",pair_shoal=1.0,pair_sent=1,pair_relay=0.6,pair_recv=0.4,pair_ctrd=0.8"
+    routing = ",idle=1.6,idle_routing=1.2,star=30,star_routing=13,star_msgs=960"
+    cost = _herd_cpu.costs(_herd_cpu.parse(base + pair + routing), image_mb=50)
+    assert cost.ctrd == pytest.approx(0.8 / 100)  # the pair's containerds, not the floor's
+    assert cost.shoal_recv == pytest.approx(0.4 / 50)  # the receiving node, not the 1-node phase
+    assert cost.send == pytest.approx((0.6 - 0.4) / 50)
+    assert cost.idle == pytest.approx(0.1)  # per node per second
+    assert cost.message == 0.0  # idle routing over the star's 30 s is more than it spent: floored
+    cost = _herd_cpu.costs(
+        _herd_cpu.parse(base + pair + routing.replace("star_routing=13", "star_routing=45")), 50
+    )
+    assert cost.message == pytest.approx((45 - 1.2 * 30) / 960)
+    assert cost.rounds == pytest.approx(960 / (16 * 15))
+    with pytest.raises(ValueError, match="star_msgs"):
+        _herd_cpu.parse(base + routing.replace(",star_msgs=960", ""))
+
+
+def test_the_bench_passes_the_pair_per_node_and_the_stars_routing_to_the_model() -> None:
+    def phase(took: float, shoal: float, ctrd: float, to_peers: dict[str, float]) -> herd.Phase:
+        return herd.Phase("p", took, [took], 1.0, 1.0, {}, {}, to_peers, shoal, ctrd)
+
+    star = phase(30.0, 25.0, 6.0, {"a": 15.0})
+    star.cpu_routing, star.dht, star.idle = 12.0, {"announce_streams": 900.0}, (1.5, 1.1)
+    pair = phase(2.9, 1.0, 0.7, {"a": 0.01, "b": 1.0})
+    pair.cpu_by_node = {"a": (0.45, 0.3), "b": (0.55, 0.4)}
+    run_ = {"floor": phase(3.0, 0.0, 4.5, {}), "one": phase(2.6, 0.6, 0.4, {}), "star": star,
+            "tree": phase(10.0, 13.0, 6.0, {}), "pair": pair}  # fmt: skip
+    args = argparse.Namespace(nodes=16, fanout=2, mib=56, layers=4, rate="200mbit")
+    line = herd.model_command(args, run_)
+    assert "pair_relay=0.55,pair_recv=0.45,pair_ctrd=0.70" in line  # b sent the image
+    assert "idle=1.500,idle_routing=1.100,star=30.00,star_routing=12.00,star_msgs=900" in line
