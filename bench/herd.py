@@ -27,8 +27,10 @@ of the shoals (and of that their routing threads) and containerds, since all nod
 host's cores, and what the rollout asked of the DHT (the shoals' routing counters, summed).
 Goals (issue 15): registry <= 1.1x the image, no node sends > 3x, the last node done <= 1.5x the
 floor.
-With the tree, each run also has a pair phase: 2 nodes capped, one relaying the image to the
-other as it arrives (what a shoal's sending costs). At the end, per run with star and tree, the
+With the tree, each run also has two pair phases: 2 nodes capped, one relaying the image to
+the other as it arrives (what a shoal's receiving and sending cost, per node; the quieter of
+the two calibrates). Before each phase's pulls, the settled cluster's steady CPU is sampled
+(the quietest of four 1 s windows). At the end, per run with star and tree, the
 bench/herd_model.py line whose CPU costs come from that run's floor, 1-node and pair phases,
 checking its tree and star times (docs/herd.md).
 """
@@ -60,7 +62,10 @@ from tests.harness.registry import Registry
 from tests.harness.runtime import choose
 
 GOAL_REGISTRY, GOAL_SENT, GOAL_FLOOR = 1.1, 3.0, 1.5
-IDLE_SAMPLE = 2.0  # s the settled cluster's steady CPU is sampled before the pulls
+# The settled cluster's steady CPU, sampled before the pulls: the quietest of IDLE_WINDOWS
+# windows of IDLE_SAMPLE s (a burst, such as a peer's reconnect, is not steady work).
+IDLE_SAMPLE, IDLE_WINDOWS = 1.0, 4
+PAIRS = 2  # pair phases per run; the model takes the one that spent the least CPU
 ROUTING_THREAD = "shoal-trio"  # the kernel's name of a shoal's routing thread
 DHT_COUNTERS = (
     "lookups", "lookup_local_hits", "lookup_store_only", "lookup_queries",
@@ -176,10 +181,14 @@ class Bench:
         warm_memory(self.args.warm_gib)
         idle = (0.0, 0.0)
         if via_shoal:
-            before = cpu()
-            time.sleep(IDLE_SAMPLE)
-            after = cpu()
-            idle = ((after[0] - before[0]) / IDLE_SAMPLE, (after[2] - before[2]) / IDLE_SAMPLE)
+            windows = []
+            for _ in range(IDLE_WINDOWS):
+                before = cpu()
+                time.sleep(IDLE_SAMPLE)
+                after = cpu()
+                windows.append(((after[0] - before[0]) / IDLE_SAMPLE,
+                                (after[2] - before[2]) / IDLE_SAMPLE))  # fmt: skip
+            idle = min(windows)
         peak = Peak(nodes[0]) if via_shoal and len(nodes) == 1 else None
         # Metric scrapes cost the shoals CPU too: read before the CPU mark and after the last.
         peers0 = {n.ns.short_name: to_peers(n) for n in nodes}
@@ -354,8 +363,12 @@ def main() -> int:
             if "tree" in designs:
                 # One node relaying the image to one other as it arrives: the model's sending
                 # cost per byte, at about a tree's per-stream rate (docs/herd.md).
-                phases["pair"] = bench.phase("pair: 2 nodes, capped", 2,
-                                             herd_args=designs["tree"], capped=True)  # fmt: skip
+                # Twice, the quieter kept: a 3 s phase on a shared host picks up other
+                # processes' noise, which only ever adds CPU.
+                pairs = [bench.phase(f"pair {k + 1}/{PAIRS}: 2 nodes, capped", 2,
+                                     herd_args=designs["tree"], capped=True)
+                         for k in range(PAIRS)]  # fmt: skip
+                phases["pair"] = min(pairs, key=lambda p: p.cpu_shoal + p.cpu_containerd)
             for d, extra in designs.items():
                 phases[d] = bench.phase(f"{label(d, args)}, {n} nodes, capped", n,
                                         herd_args=extra, capped=True)  # fmt: skip
