@@ -4,6 +4,7 @@ does instead).
 
     sudo .venv/bin/python bench/herd.py [--nodes 16] [--mib 56] [--layers 4] [--rate 200mbit]
         [--designs star,tree] [--fanout 2] [--runs 1] [--warm-gib 4] [--shoal-arg=...]
+        [--profile DIR]           (py-spy samples of every shoal per phase; costs CPU itself)
         [--containerd 2.3.7]      (or SHOAL_CONTAINERD=<version>; see tests/harness/runtime.py)
 
 Per run, each phase on fresh containerd stores and fresh shoals, started once every shoal's
