@@ -21,7 +21,7 @@ PAIR_NODES = ("pair_relay", "pair_recv", "pair_ctrd")
 # routing threads' CPU-s and announcement messages, whose routing beyond idle sets the cost of
 # one message.
 ROUTING = ("idle", "idle_routing", "star", "star_routing", "star_msgs")
-REPLICATION = 20
+REPLICATION = 20  # peers each record goes to (shoal's routing replication factor)
 DEFAULTS = {"nodes": 16.0, "cores": 2.0}
 
 

@@ -165,12 +165,8 @@ class Bench:
 
         shoals = [n.shoal.proc.pid for n in nodes if n.shoal and n.shoal.proc]
 
-        def cpu() -> tuple[float, float, float]:
-            shoal = sum(cpu_seconds(pid) for pid in shoals)
-            ctrd = sum(cpu_seconds(n.containerd.proc.pid) for n in nodes if n.containerd.proc)
-            return shoal, ctrd, sum(thread_cpu_seconds(pid, ROUTING_THREAD) for pid in shoals)
-
         def by_node() -> dict[str, tuple[float, float]]:
+            """Node -> (its shoal's CPU-s, its containerd's), read once per mark."""
             return {
                 n.ns.short_name: (
                     cpu_seconds(n.shoal.proc.pid) if n.shoal and n.shoal.proc else 0.0,
@@ -178,6 +174,12 @@ class Bench:
                 )
                 for n in nodes
             }
+
+        def cpu() -> tuple[float, float, float, dict[str, tuple[float, float]]]:
+            """(shoals, containerds, the shoals' routing threads, per node)."""
+            per = by_node()
+            routing = sum(thread_cpu_seconds(pid, ROUTING_THREAD) for pid in shoals)
+            return sum(v[0] for v in per.values()), sum(v[1] for v in per.values()), routing, per
 
         warm_memory(self.args.warm_gib)
         idle = (0.0, 0.0)
@@ -194,7 +196,7 @@ class Bench:
         # Metric scrapes cost the shoals CPU too: read before the CPU mark and after the last.
         peers0 = {n.ns.short_name: to_peers(n) for n in nodes}
         dht0 = dht_counts(nodes) if via_shoal else {}
-        mark, cpu0, nodes0 = self.registry.mark(), cpu(), by_node()
+        mark, cpu0 = self.registry.mark(), cpu()
         reg0 = self.reg_ns.sent_bytes()
         sent0 = {n.ns.short_name: n.ns.sent_bytes() for n in nodes}
         if peak:
@@ -212,7 +214,7 @@ class Bench:
         reg_link = (self.reg_ns.sent_bytes() - reg0) / total
         if peak:
             peak.stop()
-        cpu1, nodes1 = cpu(), by_node()
+        cpu1 = cpu()
         dht = {k: v - dht0[k] for k, v in dht_counts(nodes).items()} if via_shoal else {}
         log = self.registry.access_log(mark)
         by_ip = {n.ns.ip: n.ns.short_name for n in nodes}
@@ -227,7 +229,7 @@ class Bench:
             {n.ns.short_name: (to_peers(n) - peers0[n.ns.short_name]) / total for n in nodes},
             cpu1[0] - cpu0[0], cpu1[1] - cpu0[1], peak.most if peak else 0,
             cpu1[2] - cpu0[2], dht,
-            {k: (v[0] - nodes0[k][0], v[1] - nodes0[k][1]) for k, v in nodes1.items()}, idle,
+            {k: (v[0] - cpu0[3][k][0], v[1] - cpu0[3][k][1]) for k, v in cpu1[3].items()}, idle,
         )  # fmt: skip
         self.report(phase)
         return phase

@@ -55,12 +55,12 @@ sys.path.insert(0, str(ROOT / "daemon"))
 sys.path.insert(0, str(ROOT))
 
 from bench import _herd_cpu  # noqa: E402
+from bench._herd_cpu import REPLICATION  # noqa: E402
 
 from shoal.herd.policy import MAX_UPSTREAM, Fanout, Slot, Walk, upstream_chain  # noqa: E402
 
 MIB = 1 << 20
 REGISTRY = -2  # a flow's parent when it comes from the registry
-REPLICATION = 20  # peers each record goes to (shoal's routing replication factor)
 NONE = -1
 _CHAIN_DEPTH_LIMIT = 4096  # a guard against a loop in the model's own bookkeeping
 
